@@ -1,0 +1,86 @@
+"""Models by name, for configs: ``build_model("densenet40", num_classes=100, ...)``."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from .densenet import DenseNet, densenet40, densenet100
+from .placement import NormFactory, PlacementSpec
+from .shallow_cnn import ShallowCNN
+from .vit import VisionTransformer
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "shallow_cnn": ShallowCNN,
+    "densenet40": densenet40,
+    "densenet100": densenet100,
+    "densenet": DenseNet,
+    "vit": VisionTransformer,
+}
+
+# Arguments build_model sets itself; they cannot come in as size arguments.
+_COMMON_ARGUMENTS = frozenset(
+    {"num_classes", "in_channels", "image_size", "norm_layer", "placement", "base_norm_layer"}
+)
+
+
+def build_model(
+    name: str,
+    *,
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    norm_layer: NormFactory | None,
+    placement: PlacementSpec | None = None,
+    base_norm_layer: NormFactory | None = None,
+    **size_kwargs: Any,
+) -> nn.Module:
+    """Build the model registered as ``name`` in :data:`MODELS`.
+
+    Args:
+        name: one of ``MODELS`` ("shallow_cnn", "densenet40", "densenet100", "densenet", "vit").
+        num_classes: number of output logits.
+        in_channels: channels of the input images.
+        image_size: side of the square input images; passed to the models that need it (the
+            ViT's patch grid), the convolutional models work at any size.
+        norm_layer: factory ``num_features -> nn.Module`` of the norm under test; ``None``
+            builds the baseline model.
+        placement: where the tested norm goes (see :class:`Placement`); ``None`` takes the
+            model's default (``"all"`` for the CNNs, ``"patch"`` for the ViT).
+        base_norm_layer: factory for the norm sites that do not get the tested norm (default
+            ``nn.BatchNorm2d``); only for models with norm sites.
+        **size_kwargs: the model's own size arguments (``widths``, ``depth``, ``embed_dim``...).
+
+    Raises:
+        ValueError: for an unknown name, or an argument the model does not take.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
+    builder = MODELS[name]
+    accepted = inspect.signature(builder).parameters
+    arguments: dict[str, Any] = {
+        "num_classes": num_classes,
+        "in_channels": in_channels,
+        "norm_layer": norm_layer,
+    }
+    if "image_size" in accepted:
+        arguments["image_size"] = image_size
+    if placement is not None:
+        arguments["placement"] = placement
+    if base_norm_layer is not None:
+        if "base_norm_layer" not in accepted:
+            raise ValueError(
+                f"model {name!r} has no norm sites, so base_norm_layer does not apply; drop it"
+            )
+        arguments["base_norm_layer"] = base_norm_layer
+    size_arguments = sorted(set(accepted) - _COMMON_ARGUMENTS)
+    unknown = sorted(set(size_kwargs) - set(size_arguments))
+    if unknown:
+        raise ValueError(
+            f"model {name!r} does not take {', '.join(unknown)}; its size arguments are: "
+            f"{', '.join(size_arguments) or 'none'}"
+        )
+    return builder(**arguments, **size_kwargs)
