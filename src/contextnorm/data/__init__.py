@@ -1,0 +1,10 @@
+"""Image data sets in memory: loaders for the published formats and the embedded two-domain digits.
+
+Nothing here needs a GPU or Lightning; every loader returns an :class:`ImageData`.
+"""
+
+from contextnorm.data.files import default_data_root
+from contextnorm.data.image_data import ImageData
+from contextnorm.data.loading import DATASETS, load_dataset
+
+__all__ = ["DATASETS", "ImageData", "default_data_root", "load_dataset"]
