@@ -1,0 +1,31 @@
+"""The normalization layers: thin modules over :mod:`contextnorm.functional`.
+
+| this project | class                  | paper names                                             |
+|--------------|------------------------|---------------------------------------------------------|
+| CN           | ``ContextNorm``        | CN (002)                                                |
+| CN-X         | ``ContextNormX``       | CN-X (002), ACN (000), SCB-Norm (004), CN-Channels (003)|
+| CN-E         | ``ContextNormE``       | ACN-base (000), SCB-Norm-base (004)                     |
+| ACN          | ``AdaptiveContextNorm``| ACN (002), UCB-Norm (004), UAN                          |
+| MixNorm      | ``MixtureNorm``        | MN / MixNorm (Kalayeh & Shah)                           |
+| ModeNorm     | ``ModeNorm``           | ModeNorm (Deecke et al.)                                |
+| SwitchNorm   | ``SwitchNorm``         | SwitchNorm (Luo et al.)                                 |
+"""
+
+from .baselines import ModeNorm, SwitchNorm
+from .context import ContextNorm, ContextNormE, ContextNormX
+from .mixture import AdaptiveContextNorm, MixtureNorm
+from .routing import ContextualModel, convert, use_context, uses_context
+
+__all__ = [
+    "ContextNorm",
+    "ContextNormX",
+    "ContextNormE",
+    "AdaptiveContextNorm",
+    "MixtureNorm",
+    "ModeNorm",
+    "SwitchNorm",
+    "ContextualModel",
+    "convert",
+    "use_context",
+    "uses_context",
+]

@@ -1,0 +1,90 @@
+"""What every contextnorm layer shares: argument checks, layout, and conversion from BatchNorm."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+_Layer = TypeVar("_Layer", bound="NormBase")
+
+# softplus(_SOFTPLUS_OF_ONE) == 1: the raw value that starts a softplus-positive std at 1.
+_SOFTPLUS_OF_ONE = math.log(math.expm1(1.0))
+
+
+def inverse_softplus(value: Tensor) -> Tensor:
+    """The raw parameter whose softplus is ``value`` (> 0), stable for large values."""
+    return value + torch.log(-torch.expm1(-value))
+
+
+def check_count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_momentum(momentum: object, allow_none: bool) -> float | None:
+    if momentum is None and allow_none:
+        return None
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+        expected = "a float in [0, 1] or None (cumulative average)" if allow_none else "a float in [0, 1]"
+        raise ValueError(f"momentum must be {expected}, got {momentum!r}")
+    return float(momentum)
+
+
+class NormBase(nn.Module):
+    """Base of the layers: ``num_features``, ``eps``, ``affine``, the input layout, BatchNorm conversion."""
+
+    uses_context = False
+
+    def __init__(self, num_features: int, eps: float, affine: bool, channel_last: bool) -> None:
+        super().__init__()
+        self.num_features = check_count("num_features", num_features)
+        if not eps > 0:
+            raise ValueError(f"eps must be positive, got {eps!r}")
+        self.eps = float(eps)
+        self.affine = bool(affine)
+        self.channel_last = bool(channel_last)
+
+    def _init_affine(self, shape: tuple[int, ...]) -> None:
+        if self.affine:
+            self.weight = nn.Parameter(torch.ones(shape))
+            self.bias = nn.Parameter(torch.zeros(shape))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def _reset_affine(self) -> None:
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def _stats_dtype(self) -> torch.dtype:
+        """The dtype of the small statistics tensors: the parameters' (float32 under autocast)."""
+        for tensor in (*self.parameters(), *self.buffers()):
+            if tensor.is_floating_point():
+                return tensor.dtype
+        return torch.get_default_dtype()
+
+    @classmethod
+    def from_batchnorm(cls: type[_Layer], bn: nn.modules.batchnorm._BatchNorm, *args: Any, **options: Any) -> _Layer:
+        """A layer of this class that starts from what ``bn`` learned (see :func:`contextnorm.convert`)."""
+        accepted = inspect.signature(cls).parameters
+        for name in ("eps", "momentum", "affine", "track_running_stats"):
+            if name in accepted and name not in options:
+                options[name] = getattr(bn, name)
+        layer = cls(bn.num_features, *args, **options)
+        layer = layer.to(dtype=bn.weight.dtype if bn.weight is not None else torch.get_default_dtype())
+        with torch.no_grad():
+            if layer.affine and bn.affine:
+                layer.weight.copy_(bn.weight.expand_as(layer.weight))
+                layer.bias.copy_(bn.bias.expand_as(layer.bias))
+            if bn.running_mean is not None:
+                layer._load_batch_statistics(bn.running_mean, bn.running_var)
+        return layer
+
+    def _load_batch_statistics(self, mean: Tensor, var: Tensor) -> None:
+        """Start from BatchNorm's running statistics (C,); layers without such state ignore them."""
