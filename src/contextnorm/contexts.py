@@ -44,15 +44,17 @@ CIFAR10_VEHICLES_ANIMALS: dict[int, int] = {
 }
 """CIFAR-10 split into two superclasses: vehicles (0) and animals (1), by CIFAR-10 label id."""
 
-SUPERCLASS_MAPPINGS: dict[str, dict[int, int]] = {"cifar10-vehicles-animals": CIFAR10_VEHICLES_ANIMALS}
-"""Named fine-label -> superclass mappings, so that configuration files can refer to them by name."""
+SUPERCLASS_MAPPINGS: dict[str, dict[int, int]] = {
+    "cifar10-vehicles-animals": CIFAR10_VEHICLES_ANIMALS
+}
+"""Named fine-label -> superclass mappings, so that configuration files can name them."""
 
 Features = Literal["pixels", "pca"]
 
 
 @runtime_checkable
 class ContextBuilder(Protocol):
-    """Fitted on a training split, then assigns each sample of any split a context id in [0, num_contexts)."""
+    """Fitted on a training split, then gives each sample of any split a context id in [0, K)."""
 
     num_contexts: int
 
@@ -75,7 +77,9 @@ def label_derived(kind: str) -> bool:
     return kind in _LABEL_DERIVED_KINDS
 
 
-def build_contexts(kind: str, num_contexts: int | None, train: ImageData, *, seed: int = 0, **options) -> ContextBuilder:
+def build_contexts(
+    kind: str, num_contexts: int | None, train: ImageData, *, seed: int = 0, **options
+) -> ContextBuilder:
     """Create the builder for ``kind`` and fit it on ``train``.
 
     Args:
@@ -94,7 +98,9 @@ def build_contexts(kind: str, num_contexts: int | None, train: ImageData, *, see
     builder: ContextBuilder
     if kind in ("kmeans", "gmm"):
         if num_contexts is None:
-            raise ValueError(f"num_contexts is required for {kind!r} contexts; pass the number of clusters K.")
+            raise ValueError(
+                f"num_contexts is required for {kind!r} contexts; pass the number of clusters K."
+            )
         cluster_class = KMeansContexts if kind == "kmeans" else GMMContexts
         builder = cluster_class(num_contexts, seed=seed, **options)
     elif kind == "superclass":
@@ -104,15 +110,17 @@ def build_contexts(kind: str, num_contexts: int | None, train: ImageData, *, see
     builder.fit(train)
     if num_contexts is not None and num_contexts != builder.num_contexts:
         raise ValueError(
-            f"num_contexts={num_contexts} but {kind!r} contexts of this data set number {builder.num_contexts}; "
-            "pass num_contexts=None or the matching value."
+            f"num_contexts={num_contexts} but this data set has {builder.num_contexts} {kind!r} "
+            "contexts; pass num_contexts=None or the matching value."
         )
     return builder
 
 
 def _check_kind(kind: str) -> None:
     if kind not in CONTEXT_KINDS:
-        raise ValueError(f"unknown context kind {kind!r}; choose one of {', '.join(CONTEXT_KINDS)}.")
+        raise ValueError(
+            f"unknown context kind {kind!r}; choose one of {', '.join(CONTEXT_KINDS)}."
+        )
 
 
 def _check_not_empty(data: ImageData, argument: str) -> None:
@@ -141,19 +149,23 @@ def _pca(components: int, fit_rows: np.ndarray, seed: int, *, whiten: bool = Fal
     return PCA(n_components=min(components, *fit_rows.shape), whiten=whiten, random_state=seed)
 
 
-def _predict(model: BaseEstimator, data: ImageData, fitted_shape: tuple[int, ...], method: str) -> np.ndarray:
-    """Apply ``model.<method>`` to the images in chunks, bounding the float copy of a large split."""
+def _predict(
+    model: BaseEstimator, data: ImageData, fitted_shape: tuple[int, ...], method: str
+) -> np.ndarray:
+    """Apply ``model.<method>`` to the images in chunks, bounding the float copy of a split."""
     if tuple(data.images.shape[1:]) != fitted_shape:
         raise ValueError(
-            f"images of shape {tuple(data.images.shape[1:])} differ from the {fitted_shape} seen in fit; "
-            "load both splits with the same image_size."
+            f"images of shape {tuple(data.images.shape[1:])} differ from the {fitted_shape} seen "
+            "in fit; load both splits with the same image_size."
         )
     predict = getattr(model, method)
-    return np.concatenate([predict(_pixel_features(chunk)) for chunk in data.images.split(_PREDICT_CHUNK)])
+    return np.concatenate(
+        [predict(_pixel_features(chunk)) for chunk in data.images.split(_PREDICT_CHUNK)]
+    )
 
 
 class _ClusterContexts(ABC):
-    """Shared machinery of the unsupervised builders: optional PCA, subsampled fit, chunked assignment."""
+    """What the unsupervised builders share: optional PCA, subsampled fit, chunked assignment."""
 
     def __init__(
         self,
@@ -183,11 +195,13 @@ class _ClusterContexts(ABC):
     def fit(self, train: ImageData) -> _ClusterContexts:
         """Cluster (a seeded subsample of at most ``max_fit_samples`` of) the training images."""
         _check_not_empty(train, "train")
-        rows = _pixel_features(train.images[_fit_indices(len(train), self.max_fit_samples, self.seed)])
+        rows = _pixel_features(
+            train.images[_fit_indices(len(train), self.max_fit_samples, self.seed)]
+        )
         if self.num_contexts > len(rows):
             raise ValueError(
-                f"num_contexts={self.num_contexts} exceeds the {len(rows)} samples available to fit; "
-                "use fewer contexts or more data."
+                f"num_contexts={self.num_contexts} exceeds the {len(rows)} samples available to "
+                "fit; use fewer contexts or more data."
             )
         steps = [_pca(self.pca_components, rows, self.seed)] if self.features == "pca" else []
         self._model = make_pipeline(*steps, self._cluster_model()).fit(rows)
@@ -198,7 +212,9 @@ class _ClusterContexts(ABC):
         """The nearest cluster (most probable component) of each image; labels are not read."""
         if self._model is None:
             raise RuntimeError(f"{type(self).__name__}.assign called before fit(train).")
-        return torch.from_numpy(_predict(self._model, data, self._image_shape, "predict").astype(np.int64))
+        return torch.from_numpy(
+            _predict(self._model, data, self._image_shape, "predict").astype(np.int64)
+        )
 
 
 class KMeansContexts(_ClusterContexts):
@@ -215,11 +231,13 @@ class KMeansContexts(_ClusterContexts):
     """
 
     def _cluster_model(self) -> BaseEstimator:
-        return KMeans(n_clusters=self.num_contexts, init="k-means++", n_init="auto", random_state=self.seed)
+        return KMeans(
+            n_clusters=self.num_contexts, init="k-means++", n_init="auto", random_state=self.seed
+        )
 
 
 class GMMContexts(_ClusterContexts):
-    """Contexts = components of a diagonal Gaussian mixture fitted by EM: the papers' "EM components".
+    """Contexts = components of a diagonal Gaussian mixture fitted by EM ("EM components").
 
     Each sample's context is its most probable component. Arguments as for ``KMeansContexts``;
     the mixture starts from k-means++ seeds.
@@ -251,7 +269,8 @@ class SuperclassContexts:
     def __init__(self, mapping: dict[int, int] | str | None = None) -> None:
         if isinstance(mapping, str):
             if mapping not in SUPERCLASS_MAPPINGS:
-                raise ValueError(f"unknown mapping {mapping!r}; named mappings: {', '.join(SUPERCLASS_MAPPINGS)}.")
+                known = ", ".join(SUPERCLASS_MAPPINGS)
+                raise ValueError(f"unknown mapping {mapping!r}; named mappings: {known}.")
             mapping = SUPERCLASS_MAPPINGS[mapping]
         self._table: torch.Tensor | None = None
         self._fitted = False
@@ -259,7 +278,9 @@ class SuperclassContexts:
         if mapping is not None:
             superclasses = sorted(set(mapping.values()))
             if superclasses != list(range(len(superclasses))):
-                raise ValueError(f"mapping must use superclass ids 0..K-1 without gaps; got {superclasses}.")
+                raise ValueError(
+                    f"mapping must use superclass ids 0..K-1 without gaps; got {superclasses}."
+                )
             self.num_contexts = len(superclasses)
         self.mapping = mapping
 
@@ -269,16 +290,21 @@ class SuperclassContexts:
         if self.mapping is None:
             if train.coarse_labels is None or train.coarse_classes is None:
                 raise ValueError(
-                    "this data set has no coarse labels; pass SuperclassContexts(mapping={fine label: superclass}) "
-                    "such as CIFAR10_VEHICLES_ANIMALS."
+                    "this data set has no coarse labels; pass SuperclassContexts(mapping=...), a "
+                    "{fine label: superclass} dict such as CIFAR10_VEHICLES_ANIMALS."
                 )
             self.num_contexts = len(train.coarse_classes)
             self._fitted = True
             return self
         missing = sorted(set(range(train.num_classes)) - self.mapping.keys())
         if missing:
-            raise ValueError(f"mapping has no superclass for label(s) {missing}; map every one of the {train.num_classes} classes.")
-        self._table = torch.tensor([self.mapping[label] for label in range(train.num_classes)], dtype=torch.int64)
+            raise ValueError(
+                f"mapping has no superclass for label(s) {missing}; map every one of the "
+                f"{train.num_classes} classes."
+            )
+        self._table = torch.tensor(
+            [self.mapping[label] for label in range(train.num_classes)], dtype=torch.int64
+        )
         self._fitted = True
         return self
 
@@ -288,15 +314,20 @@ class SuperclassContexts:
             raise RuntimeError("SuperclassContexts.assign called before fit(train).")
         if self._table is not None:
             if data.num_classes != len(self._table):
-                raise ValueError(f"data has {data.num_classes} classes but the mapping was fitted on {len(self._table)}.")
+                raise ValueError(
+                    f"data has {data.num_classes} classes but the mapping was fitted on "
+                    f"{len(self._table)}."
+                )
             return self._table[data.labels]
         if data.coarse_labels is None:
-            raise ValueError("data has no coarse labels; superclass contexts need the same data set as fit(train).")
+            raise ValueError(
+                "data has no coarse labels; superclass contexts need the data set of fit(train)."
+            )
         return data.coarse_labels.clone()
 
 
 class DomainContexts:
-    """Contexts = visual domains (e.g. source and target of domain adaptation), read from ``data.domains``."""
+    """Contexts = visual domains (e.g. source and target in domain adaptation): ``data.domains``."""
 
     def __init__(self) -> None:
         self.num_contexts = 0
@@ -305,7 +336,10 @@ class DomainContexts:
         """Check that the data carry domains and take K from their names."""
         _check_not_empty(train, "train")
         if train.domains is None or train.domain_names is None:
-            raise ValueError("this data set has no domains; domain contexts need ImageData.domains (e.g. the 'digits' data set).")
+            raise ValueError(
+                "this data set has no domains; domain contexts need ImageData.domains "
+                "(the 'digits' data set has them)."
+            )
         self.num_contexts = len(train.domain_names)
         return self
 
@@ -319,7 +353,7 @@ class DomainContexts:
 
 
 class ContextPredictor:
-    """Infers a (label-derived) context from the image alone: whitened PCA of the pixels, then a classifier.
+    """Infers a (label-derived) context from the image alone: whitened PCA, then a classifier.
 
     This gives the second number every label-derived experiment must report: accuracy when the
     context is not told but predicted from the input. The default classifier is a multinomial
@@ -352,27 +386,37 @@ class ContextPredictor:
         self._image_shape: tuple[int, ...] = ()
 
     def fit(self, train: ImageData, contexts: torch.Tensor) -> ContextPredictor:
-        """Learn to predict ``contexts`` (int64 (N,), e.g. ``SuperclassContexts.assign(train)``) from ``train`` images."""
+        """Learn to predict ``contexts`` (int64 (N,)) from the ``train`` images.
+
+        ``contexts`` is typically ``SuperclassContexts(...).fit(train).assign(train)``.
+        """
         _check_not_empty(train, "train")
         if contexts.dtype != torch.int64 or contexts.shape != (len(train),):
-            raise ValueError(f"contexts must be int64 of shape ({len(train)},); got {contexts.dtype} {tuple(contexts.shape)}.")
+            raise ValueError(
+                f"contexts must be int64 of shape ({len(train)},); got {contexts.dtype} "
+                f"{tuple(contexts.shape)}."
+            )
         if int(contexts.min()) < 0:
             raise ValueError("contexts must be non-negative context ids.")
         self.num_contexts = int(contexts.max()) + 1
         chosen = _fit_indices(len(train), self.max_fit_samples, self.seed)
         targets = contexts[chosen].numpy()
         if len(np.unique(targets)) < 2:
-            raise ValueError("contexts take a single value in the fitting sample; there is nothing to predict.")
+            raise ValueError(
+                "contexts take a single value in the fitting sample; there is nothing to predict."
+            )
         rows = _pixel_features(train.images[chosen])
         self._model = make_pipeline(
             _pca(self.pca_components, rows, self.seed, whiten=True),
-            clone(self.classifier) if self.classifier is not None else LogisticRegression(max_iter=1000),
+            clone(self.classifier)
+            if self.classifier is not None
+            else LogisticRegression(max_iter=1000),
         ).fit(rows, targets)
         self._image_shape = tuple(train.images.shape[1:])
         return self
 
     def predict_proba(self, data: ImageData) -> torch.Tensor:
-        """float32 (N, num_contexts): the predicted probability of each context (0 for contexts unseen in fit)."""
+        """float32 (N, num_contexts): each context's probability (0 for contexts unseen in fit)."""
         if self._model is None:
             raise RuntimeError("ContextPredictor.predict_proba called before fit(train, contexts).")
         seen = _predict(self._model, data, self._image_shape, "predict_proba")

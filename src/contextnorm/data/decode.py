@@ -5,10 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,9 @@ from contextnorm.io import atomic_write
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+)
 _RESIZE_CHUNK = 4096
 _CACHE_FORMAT_VERSION = 1
 
@@ -37,13 +37,23 @@ def resize_images(images: torch.Tensor, image_size: int | None) -> torch.Tensor:
         raise ValueError(f"image_size must be a positive number of pixels; got {image_size}.")
     # Chunks bound the float copy: 60k CIFAR images as float32 would take 0.7 GB at once.
     chunks = [
-        F.interpolate(chunk.float(), size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+        F.interpolate(
+            chunk.float(),
+            size=(image_size, image_size),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )
         .round_()
         .clamp_(0, 255)
         .to(torch.uint8)
         for chunk in images.split(_RESIZE_CHUNK)
     ]
-    return torch.cat(chunks) if chunks else images.new_empty((0, images.shape[1], image_size, image_size))
+    return (
+        torch.cat(chunks)
+        if chunks
+        else images.new_empty((0, images.shape[1], image_size, image_size))
+    )
 
 
 def load_image_files(
@@ -62,7 +72,11 @@ def load_image_files(
     The cache lives in ``default_data_root()/decoded`` and is keyed by the absolute file paths,
     their byte sizes and the decoding options, so a changed or moved file set is decoded again.
     """
-    cache_file = default_data_root() / "decoded" / f"{cache_name}-{_cache_key(paths, image_size, force_rgb)}.pt"
+    cache_file = (
+        default_data_root()
+        / "decoded"
+        / f"{cache_name}-{_cache_key(paths, image_size, force_rgb)}.pt"
+    )
     if cache_file.exists():
         images = torch.load(cache_file, weights_only=True)
         if isinstance(images, torch.Tensor) and len(images) == len(paths):
@@ -72,7 +86,11 @@ def load_image_files(
     try:
         atomic_write(cache_file, lambda temporary: torch.save(images, temporary))
     except OSError as error:
-        warnings.warn(f"could not cache decoded images in {cache_file} ({error}); they will be decoded again next time")
+        warnings.warn(
+            f"could not cache decoded images in {cache_file} ({error}); they will be decoded "
+            "again next time",
+            stacklevel=2,
+        )
     return images
 
 
@@ -85,9 +103,7 @@ def _cache_key(paths: Sequence[Path], image_size: int | None, force_rgb: bool) -
 def _decode(paths: Sequence[Path], image_size: int | None, force_rgb: bool) -> torch.Tensor:
     if not paths:
         raise ValueError("no image files to decode")
-    # PIL releases the GIL while decoding, so threads overlap the decoding of many small files.
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        decoded = list(pool.map(lambda path: _decode_one(path, image_size, force_rgb), paths))
+    decoded = [_decode_one(path, image_size, force_rgb) for path in paths]
     sizes = {tuple(image.shape[-2:]) for image in decoded}
     if len(sizes) > 1:
         raise ValueError(

@@ -36,7 +36,10 @@ _INVERTED_CONTRAST = 140
 
 
 def load_digits_domains(split: str, image_size: int | None = None) -> ImageData:
-    """The ``split`` ("train" or "test") of the two-domain digits, optionally resized; see the module docstring."""
+    """The ``split`` ("train" or "test") of the two-domain digits, optionally resized.
+
+    See the module docstring for the construction.
+    """
     bunch = load_digits()
     grey_levels = bunch.images.astype(np.float64)
     rng = np.random.default_rng(_DIGITS_SEED)
@@ -57,7 +60,9 @@ def load_digits_domains(split: str, image_size: int | None = None) -> ImageData:
     )
     index = train_index if split == "train" else test_index
     return ImageData(
-        images=resize_images(torch.from_numpy(np.rint(pixels[index]).astype(np.uint8)[:, None]), image_size),
+        images=resize_images(
+            torch.from_numpy(np.rint(pixels[index]).astype(np.uint8)[:, None]), image_size
+        ),
         labels=torch.from_numpy(labels[index]),
         classes=list(DIGIT_NAMES),
         domains=torch.from_numpy(domains[index]),

@@ -24,9 +24,16 @@ _DOWNLOAD_TIMEOUT_S = 60
 
 
 def default_data_root() -> Path:
-    """The data directory used when none is given: ``$CONTEXTNORM_DATA`` or ``~/.cache/contextnorm/data``."""
+    """The data directory used when none is given.
+
+    ``$CONTEXTNORM_DATA`` when set, else ``~/.cache/contextnorm/data``.
+    """
     configured = os.environ.get(DATA_ROOT_VARIABLE)
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "contextnorm" / "data"
+    return (
+        Path(configured).expanduser()
+        if configured
+        else Path.home() / ".cache" / "contextnorm" / "data"
+    )
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,7 @@ class RemoteFile:
 
 
 def existing_variant(path: Path) -> Path | None:
-    """``path`` if it exists; for ``*.gz`` also the decompressed file, which the IDX readme allows."""
+    """``path`` if it exists; for ``*.gz`` also the decompressed file (the IDX readme allows it)."""
     if path.exists():
         return path
     if path.suffix == ".gz" and path.with_suffix("").exists():
@@ -79,7 +86,11 @@ def ensure_files(
     missing = _missing(root, required)
     if not missing:
         return
-    needed = [remote for remote in remote_files if any(Path(path).parts[0] in remote.provides for path in missing)]
+    needed = [
+        remote
+        for remote in remote_files
+        if any(Path(path).parts[0] in remote.provides for path in missing)
+    ]
     failure = ""
     if download:
         try:
@@ -93,13 +104,23 @@ def ensure_files(
         if not failure:
             failure = "\nThe downloaded archives did not contain these paths."
     lines = [f"{title} not found in {root}. Missing:"]
-    lines += [f"  {root / path}" + (" (or its decompressed form)" if path.endswith(".gz") else "") for path in missing]
+    lines += [
+        f"  {root / path}" + (" (or its decompressed form)" if path.endswith(".gz") else "")
+        for path in missing
+    ]
     lines.append("Get the official files and place them as follows:")
     for remote in needed:
-        action = f"extract it in {root}/ (it creates {', '.join(remote.unpacks_to)})" if remote.unpacks_to else f"put it in {root}/"
+        action = (
+            f"extract it in {root}/ (it creates {', '.join(remote.unpacks_to)})"
+            if remote.unpacks_to
+            else f"put it in {root}/"
+        )
         lines.append(f"  {remote.urls[0]} (md5 {remote.md5}): {action}")
     if not download:
-        lines.append(f"or call load_dataset({dataset_name!r}, root={str(root)!r}, download=True) where a network is available.")
+        lines.append(
+            f"or call load_dataset({dataset_name!r}, root={str(root)!r}, download=True) "
+            "where a network is available."
+        )
     raise FileNotFoundError("\n".join(lines) + failure)
 
 
@@ -108,7 +129,7 @@ def _missing(root: Path, required: Sequence[str]) -> list[str]:
 
 
 def fetch(remote: RemoteFile, root: Path) -> None:
-    """Download ``remote`` into ``root`` (unless a verified copy is there) and unpack it if it is an archive.
+    """Download ``remote`` into ``root`` unless a verified copy is there; unpack an archive.
 
     Raises:
         OSError: every URL failed or gave a file whose MD5 differs from the published one.
@@ -134,7 +155,10 @@ def _download(url: str, target: Path, md5: str) -> None:
 
     def write(temporary: Path) -> None:
         digest = hashlib.md5(usedforsecurity=False)
-        with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response, temporary.open("wb") as out:
+        with (
+            urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response,
+            temporary.open("wb") as out,
+        ):
             while chunk := response.read(_CHUNK_BYTES):
                 digest.update(chunk)
                 out.write(chunk)
@@ -153,7 +177,10 @@ def _md5(path: Path) -> str:
 
 
 def _unpack(archive: Path, root: Path, entries: Sequence[str]) -> None:
-    """Extract next to ``root`` first, then move entries in, so an interrupted extraction leaves nothing half-written."""
+    """Extract into a staging folder in ``root``, then move the entries in.
+
+    An interrupted extraction thus never leaves a half-written data folder behind.
+    """
     log.info("extracting %s", archive)
     staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=root))
     try:
@@ -172,7 +199,7 @@ def _unpack(archive: Path, root: Path, entries: Sequence[str]) -> None:
 
 
 def _move_into(source: Path, destination: Path) -> None:
-    """Move ``source`` to ``destination``, merging into an existing folder without replacing files already there."""
+    """Move ``source`` to ``destination``, merging folders; files already there are kept."""
     if not destination.exists():
         os.replace(source, destination)
     elif source.is_dir() and destination.is_dir():

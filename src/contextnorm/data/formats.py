@@ -41,7 +41,10 @@ class DatasetFormat:
 
 # --- MNIST: IDX files -----------------------------------------------------------------------
 
-_MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
+_MNIST_MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "http://yann.lecun.com/exdb/mnist/",
+)
 _MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -63,12 +66,18 @@ def read_idx(path: Path) -> np.ndarray:
     if len(content) < 4 or content[0] != 0 or content[1] != 0:
         raise ValueError(f"{path} is not an IDX file (its first two bytes must be zero)")
     if content[2] != _IDX_UNSIGNED_BYTE:
-        raise ValueError(f"{path} holds IDX type 0x{content[2]:02x}; only unsigned bytes (0x08) are supported")
+        raise ValueError(
+            f"{path} holds IDX type 0x{content[2]:02x}; only unsigned bytes (0x08) are supported"
+        )
     num_dims = content[3]
-    shape = tuple(int(size) for size in np.frombuffer(content, dtype=">u4", count=num_dims, offset=4))
+    shape = tuple(
+        int(size) for size in np.frombuffer(content, dtype=">u4", count=num_dims, offset=4)
+    )
     values = np.frombuffer(content, dtype=np.uint8, offset=4 + 4 * num_dims)
     if values.size != int(np.prod(shape)):
-        raise ValueError(f"{path} is truncated: its header announces shape {shape} but holds {values.size} values")
+        raise ValueError(
+            f"{path} is truncated: its header announces shape {shape}, it has {values.size} values"
+        )
     return values.reshape(shape)
 
 
@@ -77,7 +86,9 @@ def _read_mnist(directory: Path, split: str, image_size: int | None) -> ImageDat
     images = torch.from_numpy(read_idx(image_file).copy())[:, None]
     labels = torch.from_numpy(read_idx(label_file).astype(np.int64))
     if len(images) != len(labels):
-        raise ValueError(f"{image_file} has {len(images)} images but {label_file} has {len(labels)} labels")
+        raise ValueError(
+            f"{image_file} has {len(images)} images but {label_file} has {len(labels)} labels"
+        )
     return ImageData(resize_images(images, image_size), labels, DIGIT_NAMES)
 
 
@@ -85,7 +96,8 @@ MNIST = DatasetFormat(
     title="MNIST",
     required=lambda split: _MNIST_FILES[split],
     remote_files=tuple(
-        RemoteFile(name, tuple(mirror + name for mirror in _MNIST_MIRRORS), md5) for name, md5 in _MNIST_MD5.items()
+        RemoteFile(name, tuple(mirror + name for mirror in _MNIST_MIRRORS), md5)
+        for name, md5 in _MNIST_MD5.items()
     ),
     read=_read_mnist,
 )
@@ -95,7 +107,10 @@ MNIST = DatasetFormat(
 
 _CIFAR10_FOLDER = "cifar-10-batches-py"
 _CIFAR100_FOLDER = "cifar-100-python"
-_CIFAR10_BATCHES = {"train": tuple(f"data_batch_{index}" for index in range(1, 6)), "test": ("test_batch",)}
+_CIFAR10_BATCHES = {
+    "train": tuple(f"data_batch_{index}" for index in range(1, 6)),
+    "test": ("test_batch",),
+}
 
 
 def _unpickle(path: Path) -> dict:
@@ -106,7 +121,7 @@ def _unpickle(path: Path) -> dict:
 
 
 def _cifar_images(rows: np.ndarray) -> torch.Tensor:
-    # Each row is 3072 bytes: the 1024 red values, then green, then blue, each a 32x32 image row by row.
+    # Each row is 3072 bytes: 1024 red values, then green, then blue, each 32x32 row by row.
     return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.uint8).reshape(-1, 3, 32, 32))
 
 
@@ -114,7 +129,9 @@ def _read_cifar10(directory: Path, split: str, image_size: int | None) -> ImageD
     folder = directory / _CIFAR10_FOLDER
     batches = [_unpickle(folder / name) for name in _CIFAR10_BATCHES[split]]
     images = torch.cat([_cifar_images(batch["data"]) for batch in batches])
-    labels = torch.tensor([label for batch in batches for label in batch["labels"]], dtype=torch.int64)
+    labels = torch.tensor(
+        [label for batch in batches for label in batch["labels"]], dtype=torch.int64
+    )
     classes = list(_unpickle(folder / "batches.meta")["label_names"])
     return ImageData(resize_images(images, image_size), labels, classes)
 
@@ -134,7 +151,9 @@ def _read_cifar100(directory: Path, split: str, image_size: int | None) -> Image
 
 CIFAR10 = DatasetFormat(
     title="CIFAR-10",
-    required=lambda split: tuple(f"{_CIFAR10_FOLDER}/{name}" for name in (*_CIFAR10_BATCHES[split], "batches.meta")),
+    required=lambda split: tuple(
+        f"{_CIFAR10_FOLDER}/{name}" for name in (*_CIFAR10_BATCHES[split], "batches.meta")
+    ),
     remote_files=(
         RemoteFile(
             "cifar-10-python.tar.gz",
@@ -163,14 +182,19 @@ CIFAR100 = DatasetFormat(
 
 # --- SVHN: MATLAB files -----------------------------------------------------------------------
 
-_SVHN_MD5 = {"train": "e26dedcc434d2e4c54c9b2d4a06d8373", "test": "eb5a983be6a315427106f1b164d9cef3"}
+_SVHN_MD5 = {
+    "train": "e26dedcc434d2e4c54c9b2d4a06d8373",
+    "test": "eb5a983be6a315427106f1b164d9cef3",
+}
 _SVHN_ZERO_LABEL = 10
 
 
 def _read_svhn(directory: Path, split: str, image_size: int | None) -> ImageData:
     content = scipy.io.loadmat(directory / f"{split}_32x32.mat")
     # X is (height, width, channel, sample) in MATLAB order.
-    images = torch.from_numpy(np.ascontiguousarray(content["X"].transpose(3, 2, 0, 1), dtype=np.uint8))
+    images = torch.from_numpy(
+        np.ascontiguousarray(content["X"].transpose(3, 2, 0, 1), dtype=np.uint8)
+    )
     labels = content["y"].reshape(-1).astype(np.int64)
     labels[labels == _SVHN_ZERO_LABEL] = 0
     return ImageData(resize_images(images, image_size), torch.from_numpy(labels), DIGIT_NAMES)
@@ -180,7 +204,11 @@ SVHN = DatasetFormat(
     title="SVHN",
     required=lambda split: (f"{split}_32x32.mat",),
     remote_files=tuple(
-        RemoteFile(f"{split}_32x32.mat", (f"http://ufldl.stanford.edu/housenumbers/{split}_32x32.mat",), md5)
+        RemoteFile(
+            f"{split}_32x32.mat",
+            (f"http://ufldl.stanford.edu/housenumbers/{split}_32x32.mat",),
+            md5,
+        )
         for split, md5 in _SVHN_MD5.items()
     ),
     read=_read_svhn,
@@ -196,7 +224,11 @@ def _read_tiny_imagenet(directory: Path, split: str, image_size: int | None) -> 
     folder = directory / _TINY_FOLDER
     wnids = sorted((folder / "wnids.txt").read_text().split())
     label_of = {wnid: label for label, wnid in enumerate(wnids)}
-    words = dict(line.split("\t", 1) for line in (folder / "words.txt").read_text().splitlines() if "\t" in line)
+    words = dict(
+        line.split("\t", 1)
+        for line in (folder / "words.txt").read_text().splitlines()
+        if "\t" in line
+    )
     classes = [words.get(wnid, wnid).strip() for wnid in wnids]
     if split == "train":
         samples = [
@@ -211,12 +243,16 @@ def _read_tiny_imagenet(directory: Path, split: str, image_size: int | None) -> 
                 continue
             filename, wnid = line.split("\t")[:2]
             if wnid not in label_of:
-                raise ValueError(f"val_annotations.txt names class {wnid!r}, which wnids.txt does not list")
+                raise ValueError(
+                    f"val_annotations.txt names class {wnid!r}, which wnids.txt does not list"
+                )
             samples.append((folder / "val" / "images" / filename, label_of[wnid]))
     if not samples:
         raise FileNotFoundError(f"no Tiny ImageNet {split} images found under {folder}")
-    paths, labels = zip(*samples)
-    images = load_image_files(paths, image_size=image_size, force_rgb=True, cache_name=f"tiny-imagenet-{split}")
+    paths, labels = zip(*samples, strict=True)
+    images = load_image_files(
+        paths, image_size=image_size, force_rgb=True, cache_name=f"tiny-imagenet-{split}"
+    )
     return ImageData(images, torch.tensor(labels, dtype=torch.int64), classes)
 
 
@@ -239,13 +275,13 @@ TINY_IMAGENET = DatasetFormat(
 )
 
 
-# --- Oxford-IIIT Pet: JPEGs with list files ---------------------------------------------------------
+# --- Oxford-IIIT Pet: JPEGs with list files -------------------------------------------------------
 
 _PET_LISTS = {"train": "annotations/trainval.txt", "test": "annotations/test.txt"}
 
 
 def _read_pet_list(path: Path) -> list[tuple[str, int, int]]:
-    """(image name, class id from 0, species id from 0) for each line "name class_id species breed_id"."""
+    """(image name, class id, species id), ids from 0, per line "name class species breed_id"."""
     entries = []
     for line in path.read_text().splitlines():
         if not line.strip() or line.startswith("#"):
@@ -258,15 +294,21 @@ def _read_pet_list(path: Path) -> list[tuple[str, int, int]]:
 def _read_oxford_pet(directory: Path, split: str, image_size: int | None) -> ImageData:
     # Both lists name classes: reading both gives train and test the same complete class list.
     entries = {name: _read_pet_list(directory / path) for name, path in _PET_LISTS.items()}
-    breed_of = {class_id: name.rsplit("_", 1)[0] for listing in entries.values() for name, class_id, _ in listing}
+    breed_of = {
+        class_id: name.rsplit("_", 1)[0]
+        for listing in entries.values()
+        for name, class_id, _ in listing
+    }
     num_classes = max(breed_of) + 1
     unnamed = sorted(set(range(num_classes)) - breed_of.keys())
     if unnamed:
-        raise ValueError(f"the Pet annotation lists have no image of class id(s) {[i + 1 for i in unnamed]}")
+        raise ValueError(
+            f"the Pet annotation lists have no image of class id(s) {[i + 1 for i in unnamed]}"
+        )
     listing = entries[split]
     if not listing:
         raise ValueError(f"{directory / _PET_LISTS[split]} lists no images")
-    names, labels, species = zip(*listing)
+    names, labels, species = zip(*listing, strict=True)
     images = load_image_files(
         [directory / "images" / f"{name}.jpg" for name in names],
         image_size=PET_DEFAULT_IMAGE_SIZE if image_size is None else image_size,
@@ -303,7 +345,7 @@ OXFORD_PET = DatasetFormat(
 )
 
 
-# --- image folder: root/<class>/<image>, optionally under root/train and root/test --------------------
+# --- image folder: root/<class>/<image>, optionally under root/train and root/test ----------------
 
 
 def read_image_folder(directory: Path, split: str, image_size: int | None) -> ImageData:
@@ -322,7 +364,14 @@ def read_image_folder(directory: Path, split: str, image_size: int | None) -> Im
             f"{directory} has a {split_folders[0].name}/ folder but no {split}/ folder; "
             f"put the {split} images in {folder}/<class>/<image>."
         )
-    classes = sorted({child.name for parent in split_folders or [directory] for child in parent.iterdir() if child.is_dir()})
+    classes = sorted(
+        {
+            child.name
+            for parent in split_folders or [directory]
+            for child in parent.iterdir()
+            if child.is_dir()
+        }
+    )
     samples = [
         (path, label)
         for label, name in enumerate(classes)
@@ -332,11 +381,16 @@ def read_image_folder(directory: Path, split: str, image_size: int | None) -> Im
     ]
     if not samples:
         raise FileNotFoundError(
-            f"no images found in {folder}: expected {folder}/<class>/<image> with extensions {sorted(IMAGE_EXTENSIONS)}."
+            f"no images found in {folder}: expected {folder}/<class>/<image> with one of the "
+            f"extensions {sorted(IMAGE_EXTENSIONS)}."
         )
-    paths, labels = zip(*samples)
-    images = load_image_files(paths, image_size=image_size, force_rgb=False, cache_name=f"image-folder-{split}")
+    paths, labels = zip(*samples, strict=True)
+    images = load_image_files(
+        paths, image_size=image_size, force_rgb=False, cache_name=f"image-folder-{split}"
+    )
     return ImageData(images, torch.tensor(labels, dtype=torch.int64), classes)
 
 
-IMAGE_FOLDER = DatasetFormat(title="Image folder", required=lambda split: (), remote_files=(), read=read_image_folder)
+IMAGE_FOLDER = DatasetFormat(
+    title="Image folder", required=lambda split: (), remote_files=(), read=read_image_folder
+)

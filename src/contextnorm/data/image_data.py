@@ -33,10 +33,15 @@ class ImageData:
     domain_names: list[str] | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.images, torch.Tensor) or self.images.dtype != torch.uint8 or self.images.dim() != 4:
+        if (
+            not isinstance(self.images, torch.Tensor)
+            or self.images.dtype != torch.uint8
+            or self.images.dim() != 4
+        ):
             raise ValueError(
                 "images must be a uint8 tensor of shape (N, C, H, W); got "
-                f"{_describe(self.images)}. Convert with images.to(torch.uint8) and add a channel axis if needed."
+                f"{_describe(self.images)}. Convert with images.to(torch.uint8) and add a channel "
+                "axis if needed."
             )
         self._check_ids("labels", self.labels, "classes", self.classes)
         self._check_ids("coarse_labels", self.coarse_labels, "coarse_classes", self.coarse_classes)
@@ -46,17 +51,24 @@ class ImageData:
         self, ids_name: str, ids: torch.Tensor | None, names_name: str, names: list[str] | None
     ) -> None:
         if (ids is None) != (names is None):
-            raise ValueError(f"{ids_name} and {names_name} must be given together (both or neither).")
+            raise ValueError(
+                f"{ids_name} and {names_name} must be given together (both or neither)."
+            )
         if ids is None or names is None:
             return
         if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 1:
-            raise ValueError(f"{ids_name} must be an int64 tensor of shape (N,); got {_describe(ids)}.")
+            raise ValueError(
+                f"{ids_name} must be an int64 tensor of shape (N,); got {_describe(ids)}."
+            )
         if len(ids) != len(self.images):
-            raise ValueError(f"{ids_name} has {len(ids)} entries but images has {len(self.images)}; they must match.")
+            raise ValueError(
+                f"{ids_name} has {len(ids)} entries but images has {len(self.images)}; "
+                "they must match."
+            )
         if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= len(names)):
             raise ValueError(
-                f"{ids_name} must lie in [0, {len(names)}) because {names_name} has {len(names)} names; "
-                f"got values in [{int(ids.min())}, {int(ids.max())}]."
+                f"{ids_name} must lie in [0, {len(names)}) because {names_name} has {len(names)} "
+                f"names; got values in [{int(ids.min())}, {int(ids.max())}]."
             )
 
     def __len__(self) -> int:
@@ -64,7 +76,7 @@ class ImageData:
 
     @property
     def num_classes(self) -> int:
-        """Number of classes (the length of ``classes``, whether or not each occurs in this split)."""
+        """Number of classes: the length of ``classes``, whether or not each is in this split."""
         return len(self.classes)
 
     @property
@@ -82,7 +94,8 @@ class ImageData:
         height, width = self.images.shape[-2:]
         if height != width:
             raise ValueError(
-                f"images are {height}x{width}, not square; pass image_size=... to load_dataset to resize them."
+                f"images are {height}x{width}, not square; pass image_size=... to load_dataset "
+                "to resize them."
             )
         return height
 
@@ -91,7 +104,9 @@ class ImageData:
         index = torch.as_tensor(indices)
         # An empty Python list arrives as float32; it is still a valid (empty) selection.
         if index.dtype.is_floating_point and index.numel():
-            raise ValueError(f"indices must be integer positions or a boolean mask; got dtype {index.dtype}.")
+            raise ValueError(
+                f"indices must be integer positions or a boolean mask; got dtype {index.dtype}."
+            )
         if index.dtype != torch.bool:
             index = index.to(torch.int64)
         if index.dim() != 1:

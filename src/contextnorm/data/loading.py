@@ -37,12 +37,13 @@ def load_dataset(
 
             * ``"digits"``: the embedded default, scikit-learn's 8x8 handwritten digits in two
               visual domains (see ``contextnorm.data.digits``); needs no files, ``root`` is ignored.
-            * ``"mnist"``: the IDX files (``train-images-idx3-ubyte.gz`` ... ``t10k-labels-idx1-ubyte.gz``,
-              gzip-compressed or not) directly in ``root``.
-            * ``"cifar10"`` / ``"cifar100"``: ``root/cifar-10-batches-py/`` and ``root/cifar-100-python/``
-              as extracted from the official Python archives; CIFAR-100 carries its 20 superclasses
-              as coarse labels.
-            * ``"svhn"``: ``root/train_32x32.mat`` and ``root/test_32x32.mat`` (label 10 becomes digit 0).
+            * ``"mnist"``: the four IDX files (``train-images-idx3-ubyte.gz`` ...
+              ``t10k-labels-idx1-ubyte.gz``, gzip-compressed or not) directly in ``root``.
+            * ``"cifar10"`` / ``"cifar100"``: ``root/cifar-10-batches-py/`` and
+              ``root/cifar-100-python/`` as extracted from the official Python archives;
+              CIFAR-100 carries its 20 superclasses as coarse labels.
+            * ``"svhn"``: ``root/train_32x32.mat`` and ``root/test_32x32.mat`` (label 10 becomes
+              digit 0).
             * ``"tiny-imagenet"``: ``root/tiny-imagenet-200/``; the official ``val`` folder serves
               as the test split (the official test images have no labels).
             * ``"oxford-pet"``: ``root/images/*.jpg`` and ``root/annotations/{trainval,test}.txt``;
@@ -69,12 +70,16 @@ def load_dataset(
         raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}.")
     if split not in formats.SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(formats.SPLITS)}.")
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+    if image_size is not None and (
+        isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
+    ):
         raise ValueError(f"image_size must be a positive int or None; got {image_size!r}.")
     if name == "digits":
         return load_digits_domains(split, image_size)
     if root is None and name == "image-folder":
-        raise ValueError("image-folder needs root: the folder that holds <class>/<image> or train/ and test/.")
+        raise ValueError(
+            "image-folder needs root: the folder that holds <class>/<image> or train/ and test/."
+        )
     directory = Path(root).expanduser() if root is not None else default_data_root() / name
     dataset_format = _FORMATS[name]
     ensure_files(
@@ -86,4 +91,3 @@ def load_dataset(
         dataset_name=name,
     )
     return dataset_format.read(directory, split, image_size)
-
