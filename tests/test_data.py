@@ -121,12 +121,21 @@ def test_digits_sizes_domains_and_determinism() -> None:
     assert torch.equal(load_dataset("digits", None, "train").images, train.images)
 
 
-def test_digits_splits_partition_the_source_data() -> None:
+def test_digits_splits_partition_the_source_digits_and_the_style_is_invertible() -> None:
+    def grey_levels(data: ImageData) -> torch.Tensor:
+        """Undo each domain's tone curve (see contextnorm.data.digits) back to the 16 levels."""
+        pixels = data.images[:, 0].double()
+        inverted = data.domains[:, None, None] == 1
+        return torch.where(inverted, (230 - pixels) * 16 / 140, pixels * 16 / 255).round()
+
+    def as_multiset(levels: np.ndarray, labels: np.ndarray) -> list[tuple[bytes, int]]:
+        return sorted(zip(map(bytes, levels.astype(np.uint8)), labels.tolist(), strict=True))
+
     train, test = load_dataset("digits", None, "train"), load_dataset("digits", None, "test")
-    source_labels = load_digits().target
-    assert len(train) + len(test) == len(source_labels)
-    both = torch.cat([train.labels, test.labels]).numpy()
-    assert np.bincount(both).tolist() == np.bincount(source_labels).tolist()
+    source = load_digits()
+    recovered = torch.cat([grey_levels(train), grey_levels(test)]).numpy()
+    labels = torch.cat([train.labels, test.labels]).numpy()
+    assert as_multiset(recovered, labels) == as_multiset(source.images, source.target)
 
 
 def test_digit_domains_have_very_different_statistics() -> None:
@@ -204,20 +213,18 @@ def make_archive(tmp_path: Path) -> tuple[Path, str]:
     return archive, hashlib.md5(archive.read_bytes()).hexdigest()
 
 
-def test_fetch_verifies_checksum_and_extracts(tmp_path: Path) -> None:
+def test_download_verifies_checksum_and_extracts(tmp_path: Path) -> None:
     archive, md5 = make_archive(tmp_path)
     root = tmp_path / "root"
-    fetch(RemoteFile("bundle.tar.gz", (archive.as_uri(),), md5, unpacks_to=("bundle",)), root)
+    remote = RemoteFile("bundle.tar.gz", (archive.as_uri(),), md5, unpacks_to=("bundle",))
+    ensure_files("Bundle", root, ["bundle/payload.txt"], [remote], download=True, dataset_name="b")
     assert (root / "bundle" / "payload.txt").read_text() == "content"
-    assert sorted(path.name for path in root.iterdir()) == [
-        "bundle",
-        "bundle.tar.gz",
-    ]  # no staging left behind
+    leftovers = sorted(path.name for path in root.iterdir())
+    assert leftovers == ["bundle", "bundle.tar.gz"]  # no staging folder or temporary file
 
+    corrupt = RemoteFile("other.tar.gz", (archive.as_uri(),), "0" * 32, unpacks_to=("bundle",))
     with pytest.raises(OSError, match="differs from the published"):
-        fetch(
-            RemoteFile("other.tar.gz", (archive.as_uri(),), "0" * 32, unpacks_to=("bundle",)), root
-        )
+        fetch(corrupt, root)
     assert not (root / "other.tar.gz").exists()
 
 
@@ -421,6 +428,7 @@ def test_image_folder_with_split_subfolders(tmp_path: Path) -> None:
     write_image(tmp_path / "train" / "dog" / "b.PNG", random_pixels(rng, 6, 6))
     (tmp_path / "train" / "dog" / "readme.txt").write_text("not an image")
     write_image(tmp_path / "test" / "dog" / "c.png", random_pixels(rng, 6, 6))
+    (tmp_path / "train" / ".cache").mkdir()
     train = load_dataset("image-folder", tmp_path, "train")
     assert train.classes == ["cat", "dog"] and train.labels.tolist() == [0, 1]
     assert train.images.shape == (2, 1, 6, 6)  # all greyscale: one channel
@@ -443,6 +451,8 @@ def test_image_folder_flat_mixed_colour_and_sizes(tmp_path: Path) -> None:
         4,
     )  # greyscale repeated to RGB because one image has colour
     assert torch.equal(data.images[0, 0], data.images[0, 1])
+    with pytest.raises(ValueError, match="one split only"):
+        load_dataset("image-folder", tmp_path, "test")
     with pytest.raises(ValueError, match="needs root"):
         load_dataset("image-folder", None)
     with pytest.raises(FileNotFoundError, match="does not exist"):

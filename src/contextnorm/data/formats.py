@@ -349,15 +349,23 @@ OXFORD_PET = DatasetFormat(
 
 
 def read_image_folder(directory: Path, split: str, image_size: int | None) -> ImageData:
-    """Read ``directory/<class>/*`` or, when ``directory/train`` or ``directory/test`` exists,
-    ``directory/<split>/<class>/*``. Classes are the sorted class-folder names over all splits,
-    so train and test labels agree even when a class is missing from one split."""
+    """Read ``directory/<split>/<class>/*`` when ``directory/train`` or ``directory/test`` exists,
+    else ``directory/<class>/*`` as the train split (a flat tree has no test split).
+
+    Classes are the sorted class-folder names over all splits, so train and test labels agree
+    even when a class is missing from one split. Hidden folders (".name") are not classes.
+    """
     if not directory.is_dir():
         raise FileNotFoundError(
             f"image folder {directory} does not exist; expected {directory}/<class>/<image> "
             f"or {directory}/train/<class>/<image> and {directory}/test/<class>/<image>."
         )
     split_folders = [directory / name for name in SPLITS if (directory / name).is_dir()]
+    if not split_folders and split != "train":
+        raise ValueError(
+            f"{directory} has no train/ and test/ folders, so it holds one split only: load it "
+            "with split='train' and divide it yourself (ImageData.subset)."
+        )
     folder = directory / split if split_folders else directory
     if not folder.is_dir():
         raise FileNotFoundError(
@@ -369,7 +377,7 @@ def read_image_folder(directory: Path, split: str, image_size: int | None) -> Im
             child.name
             for parent in split_folders or [directory]
             for child in parent.iterdir()
-            if child.is_dir()
+            if child.is_dir() and not child.name.startswith(".")
         }
     )
     samples = [

@@ -50,9 +50,9 @@ def load_dataset(
               "train" is the official trainval list. Species (cat, dog) are the coarse labels.
               The photos vary in size and are resized (squashed, not cropped) to ``image_size``,
               64 by default.
-            * ``"image-folder"``: ``root/<class>/<image>``, or ``root/<split>/<class>/<image>`` when
-              ``root/train`` or ``root/test`` exists. Greyscale stays one channel unless some image
-              is in colour.
+            * ``"image-folder"``: ``root/<split>/<class>/<image>`` when ``root/train`` or
+              ``root/test`` exists, else ``root/<class>/<image>`` as a train split only.
+              Greyscale stays one channel unless some image is in colour.
 
             Decoded JPEG/PNG sets (Tiny ImageNet, Pet, image folder) are cached as tensors under
             ``default_data_root()/decoded``.
