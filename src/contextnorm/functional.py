@@ -383,13 +383,15 @@ def context_norm(
     ``prior`` (K,) gives ``lambda_k`` (``None``: no ``1/sqrt(lambda)`` scaling). For the
     module's extras (soft contexts, unknown contexts, estimated priors) use the module.
     """
-    num_contexts = context_count(running_mean, weight, prior)
+    table = next((t for t in (running_mean, weight, prior) if t is not None), None)
+    if table is None:
+        raise ValueError("context_norm needs running_mean, weight or prior to know the number of contexts K")
     x3, restore = as_ncl(x, _channels(x, channel_last), channel_last)
-    weights = torch.nn.functional.one_hot(context, num_contexts).to(torch.float32 if x.dtype != torch.float64 else x.dtype)
+    weights = torch.nn.functional.one_hot(context, table.shape[0]).to(table.dtype)
     moments = None
     if training or running_mean is None:
         moments = sample_moments(x3)
-        stats_mean, stats_var, mass = pooled_moments(moments.mean, moments.var, weights, x3.shape[2])
+        stats_mean, stats_var, mass = pooled_moments(moments.mean, moments.var, weights, x3.shape[2], context)
         if training and running_mean is not None:
             update_running_moments(running_mean, running_var, stats_mean, stats_var, mass, momentum)
     else:
@@ -440,13 +442,6 @@ def update_running_moments(
         new_var = running_var + rate * ((batch_var.detach() * correction).to(running_var.dtype) - running_var)
         running_mean.copy_(torch.where(present, new_mean, running_mean))
         running_var.copy_(torch.where(present, new_var, running_var))
-
-
-def context_count(*tensors: Tensor | None) -> int:
-    for tensor in tensors:
-        if tensor is not None:
-            return tensor.shape[0]
-    raise ValueError("context_norm needs running_mean, weight or prior to know the number of contexts K")
 
 
 def _channels(x: Tensor, channel_last: bool) -> int:

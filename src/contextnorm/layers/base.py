@@ -88,3 +88,35 @@ class NormBase(nn.Module):
 
     def _load_batch_statistics(self, mean: Tensor, var: Tensor) -> None:
         """Start from BatchNorm's running statistics (C,); layers without such state ignore them."""
+
+
+class RunningStatsMixin:
+    """BatchNorm's running estimates for a stack of G groups (G, C)."""
+
+    running_mean: Tensor
+    running_var: Tensor
+    num_batches_tracked: Tensor
+
+    def _init_running_stats(self, groups: int, num_features: int, track: bool, count_per_group: bool = False) -> None:
+        """``count_per_group``: count batches per group (CN's contexts need not appear in every batch)."""
+        self.track_running_stats = bool(track)
+        if track:
+            self.register_buffer("running_mean", torch.zeros(groups, num_features))
+            self.register_buffer("running_var", torch.ones(groups, num_features))
+            batches = torch.zeros(groups, dtype=torch.long) if count_per_group else torch.tensor(0, dtype=torch.long)
+            self.register_buffer("num_batches_tracked", batches)
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1.0)
+            self.num_batches_tracked.zero_()
+
+    def _load_batch_statistics(self, mean: Tensor, var: Tensor) -> None:
+        if self.track_running_stats:
+            self.running_mean.copy_(mean.expand_as(self.running_mean))
+            self.running_var.copy_(var.expand_as(self.running_var))

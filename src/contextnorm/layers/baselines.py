@@ -9,37 +9,13 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from .base import NormBase, check_count, check_momentum
+from .base import NormBase, RunningStatsMixin, check_count, check_momentum
 
 
-class _RunningStatsMixin:
-    """BatchNorm's running estimates for a stack of G groups (G, C)."""
+class _BatchOrRunningMixin(RunningStatsMixin):
+    """Weighted batch statistics in training, running ones in eval."""
 
-    running_mean: Tensor
-    running_var: Tensor
-    num_batches_tracked: Tensor
-
-    def _init_running_stats(self, groups: int, num_features: int, track: bool) -> None:
-        self.track_running_stats = bool(track)
-        if track:
-            self.register_buffer("running_mean", torch.zeros(groups, num_features))
-            self.register_buffer("running_var", torch.ones(groups, num_features))
-            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-
-    def reset_running_stats(self) -> None:
-        if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1.0)
-            self.num_batches_tracked.zero_()
-
-    def _load_batch_statistics(self, mean: Tensor, var: Tensor) -> None:
-        if self.track_running_stats:
-            self.running_mean.copy_(mean.expand_as(self.running_mean))
-            self.running_var.copy_(var.expand_as(self.running_var))
+    momentum: float
 
     def _batch_or_running(self, moments: F.Moments, weights: Tensor, positions: int) -> tuple[Tensor, Tensor]:
         """Weighted batch statistics per group in training (updating the running ones), running ones in eval."""
@@ -52,7 +28,7 @@ class _RunningStatsMixin:
         return mean, var
 
 
-class ModeNorm(_RunningStatsMixin, NormBase):
+class ModeNorm(_BatchOrRunningMixin, NormBase):
     r"""Mode Normalization (Deecke et al.): gated batch statistics per mode.
 
     Gates ``g_k(x_n) = softmax(W pool(x_n) + b)`` (pool: the spatial mean) weigh each
@@ -97,7 +73,7 @@ class ModeNorm(_RunningStatsMixin, NormBase):
                 + (", channel_last=True" if self.channel_last else ""))
 
 
-class SwitchNorm(_RunningStatsMixin, NormBase):
+class SwitchNorm(_BatchOrRunningMixin, NormBase):
     r"""Switchable Normalization (Luo et al.): a learned mix of BN, LN and IN statistics.
 
     Mean and variance are softmax-weighted sums of the instance (per sample and channel),

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .assignment import ContextAssignment
-from .base import _SOFTPLUS_OF_ONE, NormBase, check_count, check_momentum, inverse_softplus
+from .base import _SOFTPLUS_OF_ONE, NormBase, RunningStatsMixin, check_count, check_momentum, inverse_softplus
 from .routing import MISSING, current_context
 
 __all__ = ["ContextNorm", "ContextNormX", "ContextNormE"]
@@ -159,7 +159,7 @@ class _ContextNormBase(NormBase):
         return []
 
 
-class ContextNorm(_ContextNormBase):
+class ContextNorm(RunningStatsMixin, _ContextNormBase):
     r"""Context Normalization (CN): batch statistics per context (002, Alg. 1-2).
 
     In training, each context present in the batch is normalised with the mean and biased
@@ -203,33 +203,14 @@ class ContextNorm(_ContextNormBase):
     ) -> None:
         super().__init__(num_features, num_contexts, eps, affine, prior, estimate_prior, prior_scaling, channel_last)
         self.momentum = check_momentum(momentum, allow_none=True)
-        self.track_running_stats = bool(track_running_stats)
         self._init_affine((num_contexts, num_features))
-        if self.track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_contexts, num_features))
-            self.register_buffer("running_var", torch.ones(num_contexts, num_features))
-            self.register_buffer("num_batches_tracked", torch.zeros(num_contexts, dtype=torch.long))
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-
-    def reset_running_stats(self) -> None:
-        if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1.0)
-            self.num_batches_tracked.zero_()
+        self._init_running_stats(num_contexts, num_features, track_running_stats, count_per_group=True)
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
         self._reset_affine()
         if self.estimate_prior:
             self.reset_prior()
-
-    def _load_batch_statistics(self, mean: Tensor, var: Tensor) -> None:
-        if self.track_running_stats:
-            self.running_mean.copy_(mean.expand_as(self.running_mean))
-            self.running_var.copy_(var.expand_as(self.running_var))
 
     def _uses_batch_statistics(self) -> bool:
         return self.training or not self.track_running_stats

@@ -14,7 +14,7 @@ import torch.nn.functional as nnf
 from torch import Tensor, nn
 
 from .. import functional as F
-from .base import _SOFTPLUS_OF_ONE, NormBase, check_count, check_momentum, inverse_softplus
+from .base import _SOFTPLUS_OF_ONE, NormBase, RunningStatsMixin, check_count, check_momentum, inverse_softplus
 
 __all__ = ["AdaptiveContextNorm", "MixtureNorm"]
 
@@ -156,7 +156,7 @@ class AdaptiveContextNorm(_PositionMixtureBase):
         return [f"update={self.update!r}"]
 
 
-class MixtureNorm(_PositionMixtureBase):
+class MixtureNorm(RunningStatsMixin, _PositionMixtureBase):
     r"""Mixture Normalization (MixNorm; Kalayeh & Shah), the baseline the papers compare against.
 
     Every training batch: fit a K-component diagonal GMM to the positions' channel vectors
@@ -182,24 +182,16 @@ class MixtureNorm(_PositionMixtureBase):
         super().__init__(num_features, num_components, eps, momentum, affine, channel_last)
         self.em_steps = check_count("em_steps", em_steps)
         self.max_positions = check_count("max_positions", max_positions)
-        self.register_buffer("running_mean", torch.zeros(num_components, num_features))
-        self.register_buffer("running_var", torch.ones(num_components, num_features))
+        self._init_running_stats(num_components, num_features, track=True)
         self.register_buffer("running_prior", torch.full((num_components,), 1.0 / num_components))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     def reset_running_stats(self) -> None:
-        self.running_mean.zero_()
-        self.running_var.fill_(1.0)
+        super().reset_running_stats()
         self.running_prior.fill_(1.0 / self.num_components)
-        self.num_batches_tracked.zero_()
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
         self._reset_affine()
-
-    def _load_batch_statistics(self, mean: Tensor, var: Tensor) -> None:
-        self.running_mean.copy_(mean.expand_as(self.running_mean))
-        self.running_var.copy_(var.expand_as(self.running_var))
 
     def _normalize(self, points: Tensor) -> Tensor:
         if not self.training:
