@@ -1,0 +1,375 @@
+"""Forward + backward time of the normalization layers relative to ``nn.BatchNorm2d``.
+
+Every layer runs in training mode on one input (default (256, 128, 16, 16) float32) and is
+timed for a forward pass and a backward pass of a fixed upstream gradient (input gradient
+included, as inside a network). A plain per-context loop implementation of CN is measured
+too, as the reference a straightforward implementation would give.
+
+Shared machines are noisy, so timings are interleaved: each round times every
+configuration once in a fresh random order, each beside a BatchNorm pass of its own, and a
+configuration's ratio is taken against that BatchNorm time. The report gives, per
+configuration, the median time over rounds and the median and inter-quartile range of the
+per-round ratio. Results are rewritten after every round, so an interrupted run keeps the
+rounds it finished.
+
+Usage::
+
+    python benchmarks/layers.py                      # full run on the CPU
+    python benchmarks/layers.py --rounds 25 --device cuda
+    python benchmarks/layers.py --quick --out /tmp/bench   # smoke test, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+import contextnorm
+from contextnorm.io import atomic_write_text
+
+DEFAULT_SHAPE = (256, 128, 16, 16)
+QUICK_SHAPE = (16, 8, 4, 4)
+QUICK_ROUNDS = 2
+QUICK_WARMUP = 1
+CONTEXT_COUNTS = (1, 3, 20, 100, 1000)
+MIXTURE_COUNTS = (3, 8)
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REFERENCE = "BatchNorm2d"
+
+# Speed goals relative to BatchNorm: CN and CN-X must stay near BatchNorm at any K; ACN, which
+# works per position rather than per sample, is allowed more.
+CONTEXT_TARGET = 1.2
+ACN_TARGET = 4.0
+ACN_TARGET_COUNT = 3
+
+
+class LoopContextNorm(nn.Module):
+    """CN written the obvious way: a Python loop over the contexts present in the batch.
+
+    Same function as :class:`contextnorm.ContextNorm` in training (per-context batch mean
+    and biased variance, ``1/sqrt(lambda_k)`` gain, per-context affine, running statistics),
+    with autograd deriving the backward pass. It is the reference the vectorised layer is
+    meant to beat.
+    """
+
+    def __init__(self, num_features: int, num_contexts: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.eps = eps
+        self.momentum = momentum
+        self.weight = nn.Parameter(torch.ones(num_contexts, num_features))
+        self.bias = nn.Parameter(torch.zeros(num_contexts, num_features))
+        self.register_buffer("prior", torch.full((num_contexts,), 1.0 / num_contexts))
+        self.register_buffer("running_mean", torch.zeros(num_contexts, num_features))
+        self.register_buffer("running_var", torch.ones(num_contexts, num_features))
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        reduce_dims = [0, *range(2, x.dim())]
+        channel_shape = (1, -1) + (1,) * (x.dim() - 2)
+        pieces, rows = [], []
+        for k in torch.unique(context).tolist():
+            rows_k = torch.nonzero(context == k).flatten()
+            members = x.index_select(0, rows_k)
+            var, mean = torch.var_mean(members, dim=reduce_dims, correction=0)
+            with torch.no_grad():
+                count = members.numel() // members.shape[1]
+                self.running_mean[k].lerp_(mean, self.momentum)
+                self.running_var[k].lerp_(var * count / max(count - 1, 1), self.momentum)
+            scale = torch.rsqrt(var + self.eps) * self.prior[k].rsqrt() * self.weight[k]
+            shift = self.bias[k] - mean * scale
+            pieces.append(members * scale.view(channel_shape) + shift.view(channel_shape))
+            rows.append(rows_k)
+        return x.new_empty(x.shape).index_copy(0, torch.cat(rows), torch.cat(pieces))
+
+
+@dataclass
+class Configuration:
+    """One timed layer: its label, K (``None`` where it has none), the module and its extra inputs."""
+
+    layer: str
+    num_contexts: int | None
+    module: nn.Module
+    extra_inputs: tuple[Tensor, ...] = ()
+    target: float | None = None
+    seconds: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)
+
+
+def build_configurations(channels: int, batch: int, device: torch.device, seed: int) -> list[Configuration]:
+    """Every configuration of the benchmark, BatchNorm first."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def random_ids(num_contexts: int) -> Tensor:
+        return torch.randint(num_contexts, (batch,), generator=generator).to(device)
+
+    context_layers: dict[str, tuple[Callable[[int], nn.Module], float | None]] = {
+        "CN": (lambda k: contextnorm.ContextNorm(channels, k), CONTEXT_TARGET),
+        "CN-X": (lambda k: contextnorm.ContextNormX(channels, k), CONTEXT_TARGET),
+        "CN-E": (lambda k: contextnorm.ContextNormE(channels, k), None),
+        "CN (loop)": (lambda k: LoopContextNorm(channels, k), None),
+    }
+    mixture_layers: dict[str, Callable[[int], nn.Module]] = {
+        "ACN (momentum)": lambda k: contextnorm.AdaptiveContextNorm(channels, k, update="momentum"),
+        "ACN (gradient)": lambda k: contextnorm.AdaptiveContextNorm(channels, k, update="gradient"),
+        "MixNorm": lambda k: contextnorm.MixtureNorm(channels, k),
+        "ModeNorm": lambda k: contextnorm.ModeNorm(channels, k),
+    }
+    configurations = [Configuration(REFERENCE, None, nn.BatchNorm2d(channels))]
+    for name, (build, target) in context_layers.items():
+        for k in CONTEXT_COUNTS:
+            configurations.append(Configuration(name, k, build(k), (random_ids(k),), target))
+    for name, build in mixture_layers.items():
+        for k in MIXTURE_COUNTS:
+            target = ACN_TARGET if name.startswith("ACN") and k == ACN_TARGET_COUNT else None
+            configurations.append(Configuration(name, k, build(k), (), target))
+    configurations.append(Configuration("SwitchNorm", None, contextnorm.SwitchNorm(channels)))
+    for configuration in configurations:
+        configuration.module.to(device).train()
+    return configurations
+
+
+def time_forward_backward(
+    configuration: Configuration, x: Tensor, upstream: Tensor, synchronize: Callable[[], None]
+) -> float:
+    """Seconds for one forward and backward pass; gradients are cleared first so none accumulate."""
+    x.grad = None
+    configuration.module.zero_grad(set_to_none=True)
+    synchronize()
+    start = time.perf_counter()
+    output = configuration.module(x, *configuration.extra_inputs)
+    output.backward(upstream)
+    synchronize()
+    return time.perf_counter() - start
+
+
+def run_round(
+    reference: Configuration,
+    configurations: list[Configuration],
+    x: Tensor,
+    upstream: Tensor,
+    synchronize: Callable[[], None],
+    order: random.Random,
+) -> list[tuple[Configuration, float, float]]:
+    """Time every configuration once in a shuffled order, each beside its own BatchNorm pass.
+
+    Returns ``(configuration, its seconds, BatchNorm's seconds)`` per configuration. A round
+    lasts tens of seconds, over which the load of a shared machine drifts, so a single
+    BatchNorm timing per round would compare configurations against a different machine; a
+    BatchNorm pass taken right beside each one does not. Which of the two runs first is
+    drawn at random, since the second finds the input warmer in cache.
+    """
+    shuffled = list(configurations)
+    order.shuffle(shuffled)
+    measurements = []
+    for configuration in shuffled:
+        pair = [reference, configuration]
+        order.shuffle(pair)
+        seconds = {id(c): time_forward_backward(c, x, upstream, synchronize) for c in pair}
+        measurements.append((configuration, seconds[id(configuration)], seconds[id(reference)]))
+    return measurements
+
+
+def record_round(reference: Configuration, measurements: list[tuple[Configuration, float, float]]) -> None:
+    for configuration, seconds, reference_seconds in measurements:
+        configuration.seconds.append(seconds)
+        configuration.ratios.append(seconds / reference_seconds)
+        reference.seconds.append(reference_seconds)
+        reference.ratios.append(1.0)
+
+
+@dataclass
+class Summary:
+    """A configuration's result over the measured rounds."""
+
+    layer: str
+    num_contexts: int | None
+    median_ms: float
+    ratio_median: float
+    ratio_q1: float
+    ratio_q3: float
+    target: float | None
+
+    @property
+    def met(self) -> bool | None:
+        return None if self.target is None else self.ratio_median <= self.target
+
+
+def summarize(configuration: Configuration) -> Summary:
+    ratios = configuration.ratios
+    if len(ratios) > 1:
+        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    else:
+        q1 = q3 = ratios[0]
+    return Summary(
+        layer=configuration.layer,
+        num_contexts=configuration.num_contexts,
+        median_ms=1e3 * statistics.median(configuration.seconds),
+        ratio_median=statistics.median(ratios),
+        ratio_q1=q1,
+        ratio_q3=q3,
+        target=configuration.target,
+    )
+
+
+def machine_description(device: torch.device) -> dict[str, str]:
+    """What the numbers depend on: processor, threads, torch version, date."""
+    if device.type == "cuda":
+        processor = torch.cuda.get_device_name(device)
+    else:
+        processor = platform.processor() or "unknown"
+        cpuinfo = Path("/proc/cpuinfo")
+        if cpuinfo.exists():
+            for line in cpuinfo.read_text().splitlines():
+                if line.startswith("model name"):
+                    processor = line.split(":", 1)[1].strip()
+                    break
+    return {
+        "machine": processor,
+        "threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _format_k(num_contexts: int | None) -> str:
+    return "-" if num_contexts is None else str(num_contexts)
+
+
+def _format_met(met: bool | None) -> str:
+    return "-" if met is None else ("yes" if met else "no")
+
+
+def markdown_report(
+    summaries: list[Summary], machine: dict[str, str], shape: Sequence[int], device: torch.device,
+    rounds_done: int, rounds: int, warmup: int,
+) -> str:
+    lines = [
+        "# Normalization layers: forward + backward time relative to BatchNorm2d",
+        "",
+        f"- Machine: {machine['machine']} ({device.type}), {machine['threads']} torch threads",
+        f"- torch {machine['torch']}, {machine['date']}",
+        f"- Input {tuple(shape)} float32, training mode; rounds: {rounds_done} of {rounds} measured "
+        f"after {warmup} warm-up",
+        "- Each round times every configuration once in a shuffled order, each beside its own "
+        "BatchNorm2d pass (which of the two first: random); the ratio is the configuration's time over "
+        "that BatchNorm2d time. Reported: median over rounds and IQR (25th-75th percentile) of the ratio; "
+        "BatchNorm2d's ms is the median of all its passes.",
+        "- Context ids are uniform at random over K; CN (loop) is a per-context Python loop "
+        "with autograd, the straightforward implementation.",
+        "",
+        "| layer | K | median ms | ratio vs BN (median) | ratio IQR | target | met |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for s in summaries:
+        target = "-" if s.target is None else f"<= {s.target:g}x"
+        lines.append(
+            f"| {s.layer} | {_format_k(s.num_contexts)} | {s.median_ms:.2f} | {s.ratio_median:.2f}x | "
+            f"{s.ratio_q1:.2f}-{s.ratio_q3:.2f} | {target} | {_format_met(s.met)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def csv_report(summaries: list[Summary], machine: dict[str, str], shape: Sequence[int], device: torch.device) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["layer", "K", "median_ms", "ratio_median", "ratio_q1", "ratio_q3", "target", "met",
+                     "device", "machine", "threads", "torch", "date", "shape"])
+    for s in summaries:
+        writer.writerow([
+            s.layer, "" if s.num_contexts is None else s.num_contexts, f"{s.median_ms:.4f}",
+            f"{s.ratio_median:.4f}", f"{s.ratio_q1:.4f}", f"{s.ratio_q3:.4f}",
+            "" if s.target is None else s.target, "" if s.met is None else _format_met(s.met),
+            device.type, machine["machine"], machine["threads"], machine["torch"], machine["date"],
+            "x".join(map(str, shape)),
+        ])
+    return buffer.getvalue()
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shape must be four integers N,C,H,W, got {text!r}") from None
+    if len(shape) != 4 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"--shape must be four positive integers N,C,H,W, got {text!r}")
+    return shape  # type: ignore[return-value]
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=positive_int, default=15, help="measured rounds (default 15)")
+    parser.add_argument("--warmup", type=non_negative_int, default=3, help="discarded rounds first (default 3)")
+    parser.add_argument("--shape", type=parse_shape, default=DEFAULT_SHAPE,
+                        help="input N,C,H,W (default 256,128,16,16)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke test: shape {QUICK_SHAPE}, {QUICK_ROUNDS} rounds, {QUICK_WARMUP} warm-up")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR,
+                        help="folder for layers_<device>.md and .csv (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available; use --device cpu")
+    if args.quick:
+        args.shape, args.rounds, args.warmup = QUICK_SHAPE, QUICK_ROUNDS, QUICK_WARMUP
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> list[Summary]:
+    """Run the benchmark, write ``layers_<device>.md`` and ``.csv`` into ``--out``, print the table."""
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.manual_seed(args.seed)
+    batch, channels = args.shape[:2]
+    reference, *configurations = build_configurations(channels, batch, device, args.seed)
+    x = torch.randn(args.shape, device=device, requires_grad=True)
+    upstream = torch.randn(args.shape, device=device)
+    order = random.Random(args.seed)
+    machine = machine_description(device)
+    markdown_path = args.out / f"layers_{device.type}.md"
+    csv_path = args.out / f"layers_{device.type}.csv"
+
+    for _ in range(args.warmup):
+        run_round(reference, configurations, x, upstream, synchronize, order)
+    summaries: list[Summary] = []
+    for done in range(1, args.rounds + 1):
+        started = time.perf_counter()
+        record_round(reference, run_round(reference, configurations, x, upstream, synchronize, order))
+        summaries = [summarize(c) for c in (reference, *configurations)]
+        report = markdown_report(summaries, machine, args.shape, device, done, args.rounds, args.warmup)
+        atomic_write_text(markdown_path, report)
+        atomic_write_text(csv_path, csv_report(summaries, machine, args.shape, device))
+        print(f"round {done}/{args.rounds}: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+    print(report)
+    return summaries
+
+
+if __name__ == "__main__":
+    main()

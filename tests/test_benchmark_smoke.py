@@ -1,0 +1,78 @@
+"""The layer benchmark script: a quick run writes a complete table, and its loop reference is CN."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import contextnorm
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "layers.py"
+
+
+@pytest.fixture(scope="module")
+def layers_script():
+    spec = importlib.util.spec_from_file_location("layers_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    # Dataclasses look their module up in sys.modules while the class is created.
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+def test_quick_run_writes_a_row_per_configuration(layers_script, tmp_path):
+    summaries = layers_script.main(["--quick", "--out", str(tmp_path)])
+
+    batch, channels = layers_script.QUICK_SHAPE[:2]
+    expected = {
+        (c.layer, c.num_contexts)
+        for c in layers_script.build_configurations(channels, batch, torch.device("cpu"), seed=0)
+    }
+    assert {(s.layer, s.num_contexts) for s in summaries} == expected
+    with open(tmp_path / "layers_cpu.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {(row["layer"], int(row["K"]) if row["K"] else None) for row in rows} == expected
+    assert len(rows) == len(expected)
+    reference = next(row for row in rows if row["layer"] == layers_script.REFERENCE)
+    assert float(reference["ratio_median"]) == 1.0
+    assert all(float(row["median_ms"]) > 0 for row in rows)
+    assert all(row["met"] in ("yes", "no") for row in rows if row["layer"] in ("CN", "CN-X"))
+
+    table_rows = [line for line in (tmp_path / "layers_cpu.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(table_rows) == len(expected) + 1  # the header row
+
+
+def test_loop_reference_computes_context_norm(layers_script):
+    torch.manual_seed(0)
+    channels, num_contexts = 5, 4
+    x = torch.randn(12, channels, 3, 3) * 2 + 1
+    context = torch.tensor([0, 0, 1, 1, 1, 3, 3, 0, 1, 3, 3, 0])
+    upstream = torch.randn_like(x)
+    layers = [contextnorm.ContextNorm(channels, num_contexts), layers_script.LoopContextNorm(channels, num_contexts)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.uniform_(-1.0, 1.0)
+        layers[1].weight.copy_(layers[0].weight)
+        layers[1].bias.copy_(layers[0].bias)
+
+    outputs, input_grads = [], []
+    for layer in layers:
+        inputs = x.clone().requires_grad_()
+        output = layer(inputs, context)
+        output.backward(upstream)
+        outputs.append(output)
+        input_grads.append(inputs.grad)
+
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(input_grads[1], input_grads[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layers[1].running_mean, layers[0].running_mean)
+    torch.testing.assert_close(layers[1].running_var, layers[0].running_var)
