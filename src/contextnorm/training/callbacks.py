@@ -1,0 +1,110 @@
+"""Callbacks and plugins that make runs resumable and their per-epoch history durable."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from contextnorm.io import atomic_write
+
+EpochRecord = dict[str, float]
+
+
+class EpochHistory(L.Callback):
+    """Keeps one record per finished epoch: every logged epoch metric and the epoch's wall time.
+
+    The history is part of each checkpoint, so a resumed run continues it instead of starting
+    over, and the finished run's result carries the curves of all its epochs.
+
+    Args:
+        on_epoch: called with each new record (e.g. to print a progress line).
+
+    Attributes:
+        records: one record per finished epoch, in order.
+        resumed_after_epochs: how many records came from the checkpoint the run resumed from.
+    """
+
+    def __init__(self, on_epoch: Callable[[EpochRecord], None] | None = None) -> None:
+        self.records: list[EpochRecord] = []
+        self.resumed_after_epochs = 0
+        self.on_epoch = on_epoch
+        self._epoch_start = math.nan
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Validation has already run for this epoch, so its metrics are here too.
+        record: EpochRecord = {
+            name: float(value)
+            for name, value in trainer.callback_metrics.items()
+            if value.numel() == 1
+        }
+        record["epoch"] = trainer.current_epoch
+        record["time_s"] = time.perf_counter() - self._epoch_start
+        self.records.append(record)
+        if self.on_epoch is not None:
+            self.on_epoch(record)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"records": list(self.records)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.records = list(state_dict["records"])
+        self.resumed_after_epochs = len(self.records)
+
+
+class EpochSeeding(L.Callback):
+    """Reseeds every random generator at the start of each epoch from (run seed, epoch number).
+
+    Batch order, augmentation and dropout of epoch e then depend on nothing but the seed and
+    e, so a run resumed from a checkpoint continues exactly as the uninterrupted run would.
+    The first epoch of a ``fit`` call is seeded in ``on_fit_start``, because Lightning
+    prepares that epoch's first batch before ``on_train_epoch_start``; the epoch to resume
+    from comes from the checkpoint, which is loaded before ``on_fit_start``.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._next_epoch = 0
+        self._seeded_epoch: int | None = None
+
+    def _seed(self, epoch: int) -> None:
+        derived = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
+        L.seed_everything(derived, workers=True, verbose=False)
+        self._seeded_epoch = epoch
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._seed(self._next_epoch)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._seeded_epoch != trainer.current_epoch:
+            self._seed(trainer.current_epoch)
+        # A checkpoint written during this epoch resumes at the next one.
+        self._next_epoch = trainer.current_epoch + 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_epoch": self._next_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._next_epoch = int(state_dict["next_epoch"])
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file and renames it into place.
+
+    A job killed while saving leaves the previous checkpoint intact instead of a truncated one.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+    ) -> None:
+        save = super().save_checkpoint
+        atomic_write(path, lambda temporary: save(checkpoint, temporary, storage_options))
