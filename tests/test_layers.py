@@ -78,15 +78,39 @@ def test_gradcheck_mixnorm_eval_and_weighted_transform() -> None:
     x.requires_grad_()
     assert torch.autograd.gradcheck(lambda x, w, b: layer(x), (x, layer.weight, layer.bias), eps=1e-6, atol=1e-5)
     # In training the posterior from EM is a constant; the weighted transform is differentiable in x.
-    points = F.position_matrix(x.detach()).requires_grad_()
-    responsibility = torch.softmax(torch.randn(points.shape[0], K, dtype=torch.float64), 1)
+    x3 = x.detach().reshape(6, C, -1).requires_grad_()
+    responsibility = torch.softmax(torch.randn(6, K, x3.shape[2], dtype=torch.float64), 1)
     gain = torch.rand(K, dtype=torch.float64) + 0.5
 
-    def transform(points: torch.Tensor) -> torch.Tensor:
-        mean, var, _ = F.weighted_position_moments(points, responsibility)
-        return F.mixture_normalize(points, responsibility, mean, var, 1e-5, gain)
+    def transform(x3: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        points = F.centre_points(F.position_matrix(x3))
+        tau = F.position_matrix(responsibility)
+        mean, var, _ = F.point_moments(points, tau)
+        return F.point_mixture_affine(points, tau, mean, var, 1e-5, gain, weight, bias)
 
-    assert torch.autograd.gradcheck(transform, (points,), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(transform, (x3, layer.weight, layer.bias), eps=1e-6, atol=1e-5)
+
+
+def test_mixture_transform_matches_per_component_reference() -> None:
+    """004 Eq. 7-9 written out with a loop over components and positions."""
+    torch.manual_seed(0)
+    x3 = torch.randn(4, C, 6, dtype=torch.float64) * 3 + 5
+    responsibility = torch.softmax(torch.randn(4, K, 6, dtype=torch.float64), 1)
+    gain = torch.rand(K, dtype=torch.float64) + 0.5
+    points = x3.transpose(1, 2).reshape(-1, C)
+    tau = responsibility.transpose(1, 2).reshape(-1, K)
+    mean, var, mass = F.point_moments(F.centre_points(points), tau)
+    got = F.point_mixture_affine(F.centre_points(points), tau, mean, var, 1e-5, gain)
+    expected = torch.zeros_like(points)
+    for k in range(K):
+        tauhat = tau[:, k] / tau[:, k].sum()
+        mean_k = (tauhat[:, None] * points).sum(0)
+        var_k = (tauhat[:, None] * (points - mean_k) ** 2).sum(0)
+        torch.testing.assert_close(mean[k], mean_k)
+        torch.testing.assert_close(var[k], var_k)
+        expected += tau[:, k, None] * gain[k] * (points - mean_k) / torch.sqrt(var_k + 1e-5)
+    torch.testing.assert_close(mass, tau.sum(0))
+    torch.testing.assert_close(got, expected)
 
 
 def test_fused_backward_matches_plain_autograd() -> None:
@@ -371,13 +395,15 @@ def test_acn_finite_for_large_activations(update: str) -> None:
 
 def test_acn_posterior_in_log_space_matches_direct_densities() -> None:
     layer = make_layer("acn_gradient", torch.float64)
-    points = torch.randn(50, C, dtype=torch.float64)
+    x3 = torch.randn(5, C, 10, dtype=torch.float64)
+    points = x3.transpose(1, 2).reshape(-1, C)
     var = layer.component_var + layer.eps
     densities = torch.stack([
         torch.distributions.Normal(layer.component_mean[k], var[k].sqrt()).log_prob(points).sum(1).exp()
         for k in range(K)
     ], 1) * layer.prior
-    torch.testing.assert_close(layer.posterior(points), densities / densities.sum(1, keepdim=True))
+    posterior = layer.posterior(F.centre_points(points))
+    torch.testing.assert_close(posterior, densities / densities.sum(1, keepdim=True))
 
 
 def test_acn_momentum_update_tracks_the_data() -> None:

@@ -35,11 +35,14 @@ __all__ = [
     "pooled_moments",
     "affine_coefficients",
     "apply_sample_affine",
+    "CentredPoints",
+    "position_matrix",
+    "centre_points",
+    "point_log_density",
     "diag_gaussian_log_density",
     "sample_log_posterior",
-    "position_matrix",
-    "weighted_position_moments",
-    "mixture_normalize",
+    "point_moments",
+    "point_mixture_affine",
     "fit_diag_gmm",
     "kmeans_plus_plus",
     "match_components",
@@ -237,19 +240,49 @@ def _moment_grads(
     )
 
 
-def diag_gaussian_log_density(points: Tensor, mean: Tensor, var: Tensor) -> Tensor:
-    """Log-density of each point (P, C) under each diagonal Gaussian (K, C): a (P, K) tensor.
+class CentredPoints(NamedTuple):
+    """Points (P, C), one row per position's channel vector, minus a per-channel reference, with their squares.
 
-    Computed with matrix products; points and means are first shifted by the mean of the
-    component means so that large activations do not cancel catastrophically.
+    The mixture layers need both for the posterior and for the weighted moments; making
+    them once serves both. Centring on the batch mean keeps the quadratic expansions of
+    ``(x - m)^2`` away from catastrophic cancellation when activations are large.
     """
-    reference = mean.mean(0).detach()
-    p = points - reference
-    m = mean - reference
+
+    values: Tensor
+    squares: Tensor
+    reference: Tensor
+
+
+def position_matrix(x: Tensor) -> Tensor:
+    """(N, C, L) -> (N * L, C): one row per position (a view when ``x`` is channel-last in memory)."""
+    return x.transpose(1, 2).reshape(-1, x.shape[1])
+
+
+def centre_points(points: Tensor) -> CentredPoints:
+    """:class:`CentredPoints` of ``points`` (P, C), centred on their per-channel mean."""
+    reference = points.detach().mean(0)
+    values = points - reference
+    return CentredPoints(values, values * values, reference)
+
+
+def point_log_density(points: CentredPoints, mean: Tensor, var: Tensor) -> Tensor:
+    """Log-density (P, K) of each point under each diagonal Gaussian (K, C).
+
+    The Mahalanobis term is expanded into two matrix products over channels.
+    """
+    centred_mean = mean - points.reference
     precision = var.reciprocal()
-    mahalanobis = (p * p) @ precision.t() - 2.0 * (p @ (m * precision).t()) + (m * m * precision).sum(1)
-    log_det = var.log().sum(1)
-    return -0.5 * (mahalanobis.clamp_min(0.0) + log_det + mean.shape[1] * _LOG_2PI)
+    mahalanobis = (
+        points.squares @ precision.t()
+        - 2.0 * (points.values @ (centred_mean * precision).t())
+        + (centred_mean * centred_mean * precision).sum(1)
+    )
+    return -0.5 * (mahalanobis.clamp_min(0.0) + var.log().sum(1) + mean.shape[1] * _LOG_2PI)
+
+
+def diag_gaussian_log_density(points: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+    """Log-density (P, K) of raw points (P, C) under each diagonal Gaussian (K, C)."""
+    return point_log_density(centre_points(points), mean, var)
 
 
 def sample_log_posterior(
@@ -267,35 +300,37 @@ def sample_log_posterior(
     return torch.log_softmax(log_joint, dim=1)
 
 
-def position_matrix(x: Tensor) -> Tensor:
-    """(N, C, L) -> (N * L, C): one row per position, the channel vector the mixture layers model."""
-    return x.transpose(1, 2).reshape(-1, x.shape[1])
-
-
-def weighted_position_moments(points: Tensor, responsibility: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-component mean and biased variance (K, C) of points (P, C) under responsibilities (P, K).
+def point_moments(points: CentredPoints, responsibility: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-component mean and biased variance (K, C) under responsibilities (P, K).
 
     This is 004 Eq. 7-9: ``tauhat_k = tau_k / sum_j tau_k(x_j)``, the mean ``E[tauhat_k x]``
     and the variance ``E[tauhat_k (x - mean_k)^2]``. Also returns the mass (K,) ``sum_j tau_k(x_j)``.
     """
     mass = responsibility.sum(0)
-    share = responsibility / mass.clamp_min(torch.finfo(points.dtype).tiny)
-    reference = points.mean(0).detach()
-    centred = points - reference
-    component_centred = share.t() @ centred
-    var = share.t() @ (centred * centred) - component_centred * component_centred
-    return component_centred + reference, var.clamp_min(0.0), mass
+    share = responsibility / mass.clamp_min(torch.finfo(mass.dtype).tiny)
+    first = share.t() @ points.values
+    second = share.t() @ points.squares
+    return first + points.reference, (second - first * first).clamp_min(0.0), mass
 
 
-def mixture_normalize(
-    points: Tensor, responsibility: Tensor, mean: Tensor, var: Tensor, eps: float, gain: Tensor
+def point_mixture_affine(
+    points: CentredPoints,
+    responsibility: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    gain: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
 ) -> Tensor:
-    """``sum_k tau_k * gain_k * (x - mean_k) / sqrt(var_k + eps)`` for points (P, C): the mixture transform.
+    """The mixture transform (P, C): ``weight * sum_k tau_k gain_k (x - mean_k) / sqrt(var_k + eps) + bias``.
 
-    ``gain`` (K,) is ``1/sqrt(lambda_k)``. The sum over components is two matrix products.
+    ``gain`` (K,) is ``1/sqrt(lambda_k)``. Each point's coefficients are the
+    responsibility-weighted sum of the components' (K, C) coefficients; since the
+    responsibilities sum to 1, the bias folds into them.
     """
-    scale, shift = affine_coefficients(mean, var, eps, gain.unsqueeze(1))
-    return points * (responsibility @ scale) + responsibility @ shift
+    scale, shift = affine_coefficients(mean - points.reference, var, eps, gain.unsqueeze(1), weight, bias)
+    return torch.addcmul(responsibility @ shift, points.values, responsibility @ scale)
 
 
 def kmeans_plus_plus(points: Tensor, num_components: int, generator: torch.Generator | None = None) -> Tensor:
@@ -334,9 +369,10 @@ def fit_diag_gmm(
     mean = kmeans_plus_plus(points, num_components, generator)
     var = points.var(0, correction=0).clamp_min(variance_floor).expand_as(mean).clone()
     log_prior = torch.full((num_components,), -math.log(num_components), device=points.device, dtype=points.dtype)
+    centred = centre_points(points)
     for _ in range(steps):
-        log_resp = torch.log_softmax(diag_gaussian_log_density(points, mean, var) + log_prior, dim=1)
-        new_mean, new_var, mass = weighted_position_moments(points, log_resp.exp())
+        log_joint = point_log_density(centred, mean, var) + log_prior
+        new_mean, new_var, mass = point_moments(centred, torch.softmax(log_joint, dim=1))
         alive = (mass > 1e-6).unsqueeze(1)
         mean = torch.where(alive, new_mean, mean)
         var = torch.where(alive, new_var.clamp_min(variance_floor), var)

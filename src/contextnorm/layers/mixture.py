@@ -2,7 +2,7 @@
 
 Both model the channel vector of each position as a draw from a K-component diagonal
 Gaussian mixture and normalise with the posterior-weighted transform of 004 Eq. 7-9
-(:func:`contextnorm.functional.mixture_normalize`). They differ in where the mixture
+(:func:`contextnorm.functional.point_mixture_affine`). They differ in where the mixture
 comes from: ACN learns it (by gradient or by an online-EM momentum update), MixNorm fits it
 to every training batch with k-means++ seeding and a few EM steps.
 """
@@ -35,13 +35,12 @@ class _PositionMixtureBase(NormBase):
         points = F.position_matrix(x3)
         if points.dtype in (torch.float16, torch.bfloat16):
             points = points.float()
-        normalized = self._normalize(points)
-        if self.affine:
-            normalized = torch.addcmul(self.bias, normalized, self.weight)
+        normalized = self._normalize(F.centre_points(points)).to(x.dtype)
         n, c, length = x3.shape
-        return restore(normalized.to(x.dtype).reshape(n, length, c).transpose(1, 2))
+        return restore(normalized.reshape(n, length, c).transpose(1, 2))
 
-    def _normalize(self, points: Tensor) -> Tensor:
+    def _normalize(self, points: F.CentredPoints) -> Tensor:
+        """The normalised and affine-transformed points (P, C)."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -127,21 +126,22 @@ class AdaptiveContextNorm(_PositionMixtureBase):
     def component_var(self) -> Tensor:
         return nnf.softplus(self.component_raw_std).square()
 
-    def posterior(self, points: Tensor) -> Tensor:
+    def posterior(self, points: F.CentredPoints) -> Tensor:
         """``tau`` (P, K): each position's posterior over the components, in log space."""
-        log_joint = F.diag_gaussian_log_density(points, self.component_mean, self.component_var + self.eps)
+        log_joint = F.point_log_density(points, self.component_mean, self.component_var + self.eps)
         return torch.softmax(log_joint + torch.log_softmax(self.prior_logits, 0), dim=1)
 
-    def _normalize(self, points: Tensor) -> Tensor:
+    def _normalize(self, points: F.CentredPoints) -> Tensor:
         responsibility = self.posterior(points)
-        prior = self.prior
         if self.training:
-            mean, var, _ = F.weighted_position_moments(points, responsibility)
+            mean, var, _ = F.point_moments(points, responsibility)
             if self.update == "momentum":
                 self._momentum_update(responsibility, mean, var)
         else:
             mean, var = self.component_mean, self.component_var
-        return F.mixture_normalize(points, responsibility, mean, var, self.eps, prior.rsqrt())
+        return F.point_mixture_affine(
+            points, responsibility, mean, var, self.eps, self.prior.rsqrt(), self.weight, self.bias
+        )
 
     def _momentum_update(self, responsibility: Tensor, mean: Tensor, var: Tensor) -> None:
         with torch.no_grad():
@@ -193,34 +193,35 @@ class MixtureNorm(RunningStatsMixin, _PositionMixtureBase):
         self.reset_running_stats()
         self._reset_affine()
 
-    def _normalize(self, points: Tensor) -> Tensor:
+    def _normalize(self, points: F.CentredPoints) -> Tensor:
         if not self.training:
-            responsibility = torch.softmax(
-                F.diag_gaussian_log_density(points, self.running_mean, self.running_var + self.eps)
-                + self.running_prior.clamp_min(1e-12).log(),
-                dim=1,
+            log_prior = self.running_prior.clamp_min(1e-12).log()
+            log_joint = F.point_log_density(points, self.running_mean, self.running_var + self.eps)
+            return F.point_mixture_affine(
+                points, torch.softmax(log_joint + log_prior, dim=1), self.running_mean, self.running_var,
+                self.eps, self.running_prior.clamp_min(1e-12).rsqrt(), self.weight, self.bias,
             )
-            return F.mixture_normalize(
-                points, responsibility, self.running_mean, self.running_var, self.eps,
-                self.running_prior.clamp_min(1e-12).rsqrt(),
-            )
-        responsibility = self._fit_batch(points.detach())
-        mean, var, mass = F.weighted_position_moments(points, responsibility)
+        responsibility = self._fit_batch(points)
+        mean, var, mass = F.point_moments(points, responsibility)
         prior = mass / mass.sum()
         self._update_running(mean, var, prior)
-        return F.mixture_normalize(points, responsibility, mean, var, self.eps, prior.clamp_min(1e-12).rsqrt())
+        return F.point_mixture_affine(
+            points, responsibility, mean, var, self.eps, prior.clamp_min(1e-12).rsqrt(), self.weight, self.bias
+        )
 
-    def _fit_batch(self, points: Tensor) -> Tensor:
+    def _fit_batch(self, points: F.CentredPoints) -> Tensor:
         """Posterior (P, K) of every position under a GMM fitted to (a subsample of) the batch."""
         with torch.no_grad():
-            sample = points
-            if points.shape[0] > self.max_positions:
-                sample = points[torch.randperm(points.shape[0], device=points.device)[: self.max_positions]]
-            log_prior, mean, var = F.fit_diag_gmm(sample, self.num_components, self.em_steps, self.eps)
+            values = points.values.detach()
+            sample = values
+            if values.shape[0] > self.max_positions:
+                sample = values[torch.randperm(values.shape[0], device=values.device)[: self.max_positions]]
+            log_prior, mean, var = F.fit_diag_gmm(sample + points.reference, self.num_components, self.em_steps, self.eps)
             if self.num_batches_tracked > 0:
                 order = F.match_components(mean, self.running_mean, self.running_var + self.eps)
                 log_prior, mean, var = log_prior[order], mean[order], var[order]
-            return torch.softmax(F.diag_gaussian_log_density(points, mean, var) + log_prior, dim=1)
+            detached = F.CentredPoints(values, points.squares.detach(), points.reference)
+            return torch.softmax(F.point_log_density(detached, mean, var) + log_prior, dim=1)
 
     def _update_running(self, mean: Tensor, var: Tensor, prior: Tensor) -> None:
         with torch.no_grad():
