@@ -171,8 +171,9 @@ class TrainConfig:
         devices: Lightning devices (``auto``, a count, or a list of ids).
         precision: Lightning precision (``32-true``, ``16-mixed``, ``bf16-mixed``).
         num_workers: data loader worker processes.
-        cpu_threads: threads PyTorch uses on the CPU (``torch.set_num_threads``); ``None``
-            keeps PyTorch's default. Small models train faster on one thread than on several.
+        cpu_threads: CPU threads of PyTorch and of the BLAS/OpenMP pools (clustering,
+            figures); ``None`` keeps the libraries' defaults. Small models train faster on one
+            thread than on several, above all on a machine whose cores are busy.
         deterministic: ask PyTorch for deterministic algorithms (slower on GPU).
         progress: what is printed while training: ``none``; ``run`` (one line per finished
             run); ``epoch`` (also one line per epoch); ``bar`` (one line per run and Lightning's

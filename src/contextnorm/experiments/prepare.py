@@ -248,8 +248,28 @@ def prepare_experiment(config: ExperimentConfig) -> PreparedExperiment:
         crop_flip=crop_flip,
     )
     for index in range(len(config.methods)):
-        prepared.build_model(index)
+        _check_recorded_layer(config, prepared.build_model(index), index)
     return prepared
+
+
+def _check_recorded_layer(config: ExperimentConfig, built: BuiltModel, index: int) -> None:
+    """Fail now, not after the first run, if the figures ask for a layer or channel that is not there."""
+    plots = config.plots
+    if not plots.enabled:
+        return
+    count = len(built.tested_layers)
+    if plots.layer >= count:
+        raise ConfigError(
+            f"plots.layer={plots.layer} but the model of methods[{index}] has {count} tested norm "
+            f"layer(s); use 0..{count - 1}"
+        )
+    layer = built.tested_layers[plots.layer]
+    channels = getattr(layer, "num_features", getattr(layer, "num_channels", None))
+    if channels is not None and plots.channel >= channels:
+        raise ConfigError(
+            f"plots.channel={plots.channel} but the recorded norm layer has {channels} channels; "
+            f"use 0..{channels - 1}"
+        )
 
 
 def check_contexts(contexts: Any, split: str, num_samples: int, num_contexts: int) -> torch.Tensor:

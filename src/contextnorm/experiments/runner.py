@@ -34,6 +34,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from threadpoolctl import threadpool_limits
 
 from contextnorm.config import ConfigError, ExperimentConfig, dump_config
 from contextnorm.experiments.prepare import PreparedExperiment, prepare_experiment
@@ -92,34 +93,52 @@ def run_experiment(config: ExperimentConfig, *, echo: Echo = print) -> Path:
     Returns:
         The results folder.
     """
-    if config.train.cpu_threads is not None:
-        torch.set_num_threads(config.train.cpu_threads)
-    prepared = prepare_experiment(config)
-    results_dir = config.results_dir
-    atomic_write_text(results_dir / CONFIG_FILE, dump_config(config))
-    atomic_write_json(results_dir / EXPERIMENT_FILE, {"name": config.name, **prepared.summary()})
-    say = echo if config.train.progress != "none" else _silent
-    total = len(config.methods) * len(config.train.seeds)
-    say(
-        f"{config.name}: {len(config.methods)} methods x {len(config.train.seeds)} seeds, "
-        f"{config.train.epochs} epochs each -> {results_dir}"
-    )
-    finished = 0
-    for index, method in enumerate(config.methods):
-        for seed in config.train.seeds:
-            record, reused = run_single(prepared, index, seed, echo=say)
-            finished += 1
-            accuracy = next(iter(record["test"].values()))["accuracy"]
-            status = "reused" if reused else f"{record['time_per_epoch_s']:.2f} s/epoch"
-            say(
-                f"[{finished:>{len(str(total))}}/{total}] {method.display_name:<14} seed {seed}: "
-                f"test accuracy {accuracy:.4f}  ({record['epochs']} epochs, {status})"
-            )
-            # Tables after each run: a long job shows its results so far.
-            write_report(results_dir, figures=False)
-    write_report(results_dir, figures=config.plots.enabled)
+    with _cpu_threads(config.train.cpu_threads):
+        prepared = prepare_experiment(config)
+        results_dir = config.results_dir
+        atomic_write_text(results_dir / CONFIG_FILE, dump_config(config))
+        atomic_write_json(results_dir / EXPERIMENT_FILE, {"name": config.name, **prepared.summary()})
+        say = echo if config.train.progress != "none" else _silent
+        total = len(config.methods) * len(config.train.seeds)
+        say(
+            f"{config.name}: {len(config.methods)} methods x {len(config.train.seeds)} seeds, "
+            f"{config.train.epochs} epochs each -> {results_dir}"
+        )
+        finished = 0
+        for index, method in enumerate(config.methods):
+            for seed in config.train.seeds:
+                record, reused = run_single(prepared, index, seed, echo=say)
+                finished += 1
+                accuracy = next(iter(record["test"].values()))["accuracy"]
+                status = "reused" if reused else f"{record['time_per_epoch_s']:.2f} s/epoch"
+                say(
+                    f"[{finished:>{len(str(total))}}/{total}] {method.display_name:<14} "
+                    f"seed {seed}: test accuracy {accuracy:.4f}  ({record['epochs']} epochs, {status})"
+                )
+                # Tables after each run: a long job shows its results so far.
+                write_report(results_dir, figures=False)
+        write_report(results_dir, figures=config.plots.enabled)
     return results_dir
 
+
+@contextlib.contextmanager
+def _cpu_threads(count: int | None) -> Iterator[None]:
+    """Use ``count`` CPU threads inside the block (``None``: leave the settings), then restore.
+
+    The limit covers PyTorch and the BLAS and OpenMP pools of scikit-learn and NumPy: on a
+    machine whose cores are busy, threads that wait for each other can make small jobs many
+    times slower than one thread.
+    """
+    if count is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        with threadpool_limits(count):
+            yield
+    finally:
+        torch.set_num_threads(previous)
 
 def run_single(
     prepared: PreparedExperiment, index: int, seed: int, *, echo: Echo = print

@@ -1,0 +1,70 @@
+"""The ``contextnorm`` command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from contextnorm.cli import main
+from contextnorm.training import METHODS
+
+TINY_EXPERIMENT = """\
+name: cli-tiny
+data: {name: digits}
+contexts: {kind: domain}
+model: {name: shallow_cnn, options: {widths: [4, 8, 8, 8]}}
+methods: [bn]
+train: {epochs: 1, batch_size: 64, seeds: [0], accelerator: cpu, cpu_threads: 1}
+plots: {samples: 32}
+"""
+
+
+def test_list_shows_methods_data_sets_models_and_configs(capsys) -> None:
+    assert main(["list"]) == 0
+    output = capsys.readouterr().out
+    for name in METHODS:
+        assert f"\n  {name} " in output
+    for name in ("digits", "image-folder", "shallow_cnn", "densenet40", "vit", "superclass", "demo"):
+        assert name in output
+
+
+def test_the_module_runs_as_a_program() -> None:
+    finished = subprocess.run(
+        [sys.executable, "-m", "contextnorm.cli", "list"], capture_output=True, text=True, timeout=120
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert "methods" in finished.stdout
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["run", "no-such-config.yaml"], "neither a YAML file nor a shipped config"),
+        (["demo", "train.epoch=1"], "unknown config key 'train.epoch'"),
+        (["demo", "epochs"], "must look like key.sub=value"),
+        (["report", "."], "not a results folder"),
+    ],
+)
+def test_user_errors_exit_with_status_2_and_a_message(capsys, arguments, message) -> None:
+    assert main(arguments) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_run_then_report_from_saved_results(tmp_path, capsys) -> None:
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(TINY_EXPERIMENT, encoding="utf-8")
+    results_dir = tmp_path / "results"
+    assert main(["run", str(config_file), f"output_dir={results_dir}"]) == 0
+    output = capsys.readouterr().out
+    assert "[1/1] bn" in output
+    assert "| method | seeds | accuracy, context from input | s/epoch |" in output
+
+    for name in ("results.md", "curves.png"):
+        (results_dir / name).unlink()
+    assert main(["report", str(results_dir)]) == 0
+    assert "| bn | 1 |" in capsys.readouterr().out
+    assert (results_dir / "results.md").stat().st_size > 0
+    assert (results_dir / "curves.png").stat().st_size > 0

@@ -1,0 +1,301 @@
+"""The experiment engine: input checks before training, end-to-end runs, resume, aggregation, views."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import contextnorm as cn
+from contextnorm.config import ConfigError, ExperimentConfig, apply_overrides, parse_config
+from contextnorm.experiments import (
+    check_contexts,
+    load_results,
+    prepare_experiment,
+    run_experiment,
+)
+from contextnorm.metrics import summarize
+from contextnorm.training import METHODS, BatchNorm, BatchPreprocess, channel_statistics
+
+# Digits below 5 form superclass 0, the others superclass 1: a label-derived context.
+LOW_HIGH_DIGITS = "{0: 0, 1: 0, 2: 0, 3: 0, 4: 0, 5: 1, 6: 1, 7: 1, 8: 1, 9: 1}"
+
+
+def tiny_config(tmp_path: Path, *overrides: str) -> ExperimentConfig:
+    """A config that trains in about a second per run: digits, a narrow Shallow CNN, one epoch."""
+    base = [
+        "name=tiny",
+        f"output_dir={tmp_path / 'results'}",
+        "data.name=digits",
+        "contexts.kind=domain",
+        "model.name=shallow_cnn",
+        "model.options.widths=[4, 8, 8, 8]",
+        "methods=[bn, cn]",
+        "train.epochs=1",
+        "train.batch_size=64",
+        "train.seeds=[0]",
+        "train.schedule=constant",
+        "train.progress=none",
+        "train.cpu_threads=1",
+        "train.accelerator=cpu",
+        "plots.enabled=false",
+    ]
+    return parse_config(apply_overrides({}, [*base, *overrides]))
+
+
+def read_result(config: ExperimentConfig, method: str, seed: int) -> dict:
+    path = config.results_dir / "runs" / method / f"seed-{seed}" / "result.json"
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+# --- bad input is caught before any training ---------------------------------------------
+
+
+class _FixedContexts:
+    """A context builder that assigns the same given column to every split."""
+
+    def __init__(self, column: torch.Tensor, num_contexts: int) -> None:
+        self.column = column
+        self.num_contexts = num_contexts
+
+    def fit(self, train: object) -> _FixedContexts:
+        return self
+
+    def assign(self, data: object) -> torch.Tensor:
+        return self.column
+
+
+@pytest.mark.parametrize(
+    ("column", "message"),
+    [
+        (torch.zeros(5, dtype=torch.int64), "has 5 samples|have 5 entries"),
+        (None, r"must lie in \[0, 2\)"),
+    ],
+    ids=["wrong-length", "out-of-range"],
+)
+def test_a_bad_context_column_fails_before_training(tmp_path, monkeypatch, column, message) -> None:
+    config = tiny_config(tmp_path)
+
+    def fake_build_contexts(kind, num_contexts, train, **options):
+        ids = column if column is not None else torch.full((len(train),), 2, dtype=torch.int64)
+        return _FixedContexts(ids, 2)
+
+    monkeypatch.setattr("contextnorm.experiments.prepare.build_contexts", fake_build_contexts)
+    with pytest.raises(ConfigError, match=message):
+        run_experiment(config)
+    assert not config.results_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["methods=[bn, cnn]"], r"methods\[1\]: unknown method 'cnn'; registered methods: bn"),
+        (
+            ["methods=[{name: cn, options: {num_contexts: 3}}]"],
+            "num_contexts=3 disagrees with contexts.num_contexts=2",
+        ),
+        (["methods=[{name: cn, options: {momentun: 0.1}}]"], "no option 'momentun'; valid options: .*momentum"),
+        (["contexts.num_contexts=3"], r"contexts \(domain\): num_contexts=3"),
+        (["contexts.kind=clusters"], "unknown context kind 'clusters'"),
+        (["model.options.depth=3"], "does not take depth"),
+        (["model.placement=patch"], "does not support placement mode 'patch'"),
+        (["plots.enabled=true", "plots.channel=4"], "plots.channel=4 but the recorded norm layer has 4 channels"),
+    ],
+    ids=["method", "layer-k", "option", "context-k", "kind", "model-option", "placement", "channel"],
+)
+def test_config_mistakes_fail_before_training(tmp_path, overrides, message) -> None:
+    config = tiny_config(tmp_path, *overrides)
+    with pytest.raises(ConfigError, match=message):
+        run_experiment(config)
+    assert not config.results_dir.exists()
+
+
+def test_a_missing_data_set_reports_the_loader_message(tmp_path) -> None:
+    config = tiny_config(tmp_path, "data.name=mnist", f"data.root={tmp_path / 'empty'}")
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+        run_experiment(config)
+    assert not config.results_dir.exists()
+
+
+def test_check_contexts_accepts_a_valid_column_and_names_the_split() -> None:
+    valid = torch.tensor([0, 1, 1, 0])
+    assert check_contexts(valid, "test", 4, 2) is valid
+    with pytest.raises(ConfigError, match="test split must be an int64 tensor"):
+        check_contexts(valid.float(), "test", 4, 2)
+    with pytest.raises(ConfigError, match=r"validation split must lie in \[0, 2\).*\[-1, 1\]"):
+        check_contexts(torch.tensor([0, -1, 1, 0]), "validation", 4, 2)
+
+
+# --- training end to end -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tiny_experiment_writes_results_tables_and_figures(tmp_path) -> None:
+    config = tiny_config(
+        tmp_path, "train.seeds=[0, 1]", "plots.enabled=true", "plots.samples=64", "train.progress=run"
+    )
+    lines: list[str] = []
+    results_dir = run_experiment(config, echo=lines.append)
+
+    for name in ("results.md", "results.csv", "curves.png", "test_accuracy.png", "activations.png", "features_pca.png"):
+        assert (results_dir / name).stat().st_size > 0, name
+    assert (results_dir / "runs" / "bn" / "seed-0" / "activations.npz").is_file()
+
+    rows = {row["method"]: row for row in csv.DictReader((results_dir / "results.csv").open())}
+    assert set(rows) == {"bn", "cn"}
+    for method in ("bn", "cn"):
+        accuracies = [read_result(config, method, seed)["test"]["input"]["accuracy"] for seed in (0, 1)]
+        assert int(rows[method]["seeds"]) == 2
+        assert float(rows[method]["input_accuracy_mean"]) == pytest.approx(statistics.fmean(accuracies))
+        assert float(rows[method]["input_accuracy_std"]) == pytest.approx(statistics.stdev(accuracies))
+        record = read_result(config, method, 0)
+        assert record["epochs"] == 1 and len(record["history"]) == 1
+        assert {"train/loss", "val/loss", "train/accuracy", "val/accuracy"} <= set(record["history"][0])
+        assert set(record["test"]["input"]) == {"accuracy", "top5", "precision", "recall", "f1", "loss"}
+    assert read_result(config, "cn", 0)["uses_context"] and not read_result(config, "bn", 0)["uses_context"]
+
+    markdown = (results_dir / "results.md").read_text(encoding="utf-8")
+    assert "| bn | 2 |" in markdown and "![curves](curves.png)" in markdown
+    assert sum("test accuracy" in line for line in lines) == 4
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_its_checkpoint_exactly_and_finished_runs_are_reused(tmp_path) -> None:
+    uninterrupted = tiny_config(tmp_path / "a", "methods=[cn]", "train.epochs=2")
+    run_experiment(uninterrupted)
+
+    # A run stopped after its first epoch: its checkpoint is the resume point of the longer run.
+    interrupted = tiny_config(tmp_path / "b", "methods=[cn]", "train.epochs=1")
+    run_experiment(interrupted)
+    resumed = tiny_config(tmp_path / "b", "methods=[cn]", "train.epochs=2")
+    run_experiment(resumed)
+
+    record = read_result(resumed, "cn", 0)
+    assert record["resumed_after_epochs"] == 1
+    assert [entry["epoch"] for entry in record["history"]] == [0, 1]
+    reference = read_result(uninterrupted, "cn", 0)
+    assert record["test"] == reference["test"]
+    assert [entry["train/loss"] for entry in record["history"]] == [
+        entry["train/loss"] for entry in reference["history"]
+    ]
+
+    result_file = resumed.results_dir / "runs" / "cn" / "seed-0" / "result.json"
+    before = result_file.stat().st_mtime_ns
+    lines: list[str] = []
+    run_experiment(tiny_config(tmp_path / "b", "methods=[cn]", "train.epochs=2", "train.progress=run"), echo=lines.append)
+    assert result_file.stat().st_mtime_ns == before
+    assert any("reused" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path) -> None:
+    run_experiment(tiny_config(tmp_path, "methods=[bn]"))
+    (tmp_path / "results" / "runs" / "bn" / "seed-0" / "result.json").unlink()
+    with pytest.raises(ConfigError, match="holds a checkpoint trained with other settings"):
+        run_experiment(tiny_config(tmp_path, "methods=[bn]", "train.lr=0.01"))
+
+
+@pytest.mark.slow
+def test_label_derived_contexts_report_oracle_predicted_and_unknown_views(tmp_path) -> None:
+    config = tiny_config(
+        tmp_path,
+        "contexts.kind=superclass",
+        "contexts.num_contexts=2",
+        f"contexts.options={{mapping: {LOW_HIGH_DIGITS}}}",
+    )
+    results_dir = run_experiment(config)
+
+    info = json.loads((results_dir / "experiment.json").read_text(encoding="utf-8"))
+    assert list(info["views"]) == ["oracle", "predicted", "unknown"]
+    assert 0.5 <= info["context_prediction_accuracy"] <= 1.0
+    header = next(csv.reader((results_dir / "results.csv").open()))
+    for view in ("oracle", "predicted", "unknown"):
+        assert f"{view}_accuracy_mean" in header
+    markdown = (results_dir / "results.md").read_text(encoding="utf-8")
+    assert "accuracy, oracle context | accuracy, predicted context | accuracy, unknown context" in markdown
+
+    context_free = read_result(config, "bn", 0)["test"]
+    assert context_free["oracle"] == context_free["predicted"] == context_free["unknown"]
+    with_context = read_result(config, "cn", 0)["test"]
+    assert all(0.0 <= with_context[view]["accuracy"] <= 1.0 for view in ("oracle", "predicted", "unknown"))
+
+
+def test_input_derived_contexts_have_a_single_view(tmp_path) -> None:
+    prepared = prepare_experiment(tiny_config(tmp_path))
+    assert list(prepared.test_views) == ["input"]
+    test_split = prepared.test_views["input"]
+    assert torch.equal(test_split.contexts, test_split.data.domains)
+
+
+def test_validation_is_a_stratified_hold_out_of_the_training_split(tmp_path) -> None:
+    prepared = prepare_experiment(tiny_config(tmp_path, "data.val_fraction=0.2"))
+    train, val = prepared.train.data, prepared.val.data
+    total = len(train) + len(val)
+    assert len(val) == round(0.2 * total)
+    assert torch.bincount(val.labels).min() > 0
+    assert not set(map(bytes, train.images.numpy())) & set(map(bytes, val.images.numpy()))
+
+
+# --- pieces --------------------------------------------------------------------------------
+
+
+def test_summary_is_the_mean_and_sample_standard_deviation() -> None:
+    summary = summarize([0.9, 0.8, 1.0])
+    assert summary.mean == pytest.approx(0.9)
+    assert summary.std == pytest.approx(0.1)
+    assert summary.count == 3
+    assert summary.format(scale=100) == "90.00 ± 10.00"
+    single = summarize([0.5])
+    assert math.isnan(single.std) and single.format() == "0.50"
+    assert summarize([float("nan"), 0.2]).count == 1
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_registered_method_builds_a_norm_for_any_layout(name: str) -> None:
+    factory = METHODS[name].norm_factory(2, {}, where="test")
+    layer = factory(6)
+    contexts = torch.tensor([0, 1, 0, 1])
+    for shape in ((4, 6, 5, 5), (4, 6, 7)):
+        inputs = torch.randn(shape)
+        with cn.use_context(contexts):
+            outputs = layer(inputs)
+        assert outputs.shape == inputs.shape
+        assert torch.isfinite(outputs).all()
+    assert METHODS[name].uses_context == cn.uses_context(layer)
+
+
+def test_batchnorm_of_any_rank_matches_batchnorm2d_on_images() -> None:
+    torch.manual_seed(0)
+    images = torch.randn(8, 3, 4, 4)
+    assert torch.allclose(BatchNorm(3)(images), nn.BatchNorm2d(3)(images), atol=1e-6)
+    tokens = torch.randn(8, 3, 10)
+    assert torch.allclose(BatchNorm(3)(tokens), nn.BatchNorm1d(3)(tokens), atol=1e-6)
+
+
+def test_preprocessing_normalises_with_the_training_statistics() -> None:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=generator)
+    mean, std = channel_statistics(images)
+    reference = images.double() / 255
+    assert mean == pytest.approx(reference.mean(dim=(0, 2, 3)).tolist())
+    assert std == pytest.approx(reference.std(dim=(0, 2, 3), unbiased=False).tolist())
+
+    preprocess = BatchPreprocess(mean, std, (8, 8), crop_flip=True)
+    plain = preprocess(images, augment=False)
+    assert plain.mean(dim=(0, 2, 3)).abs().max() < 1e-4
+    assert (plain.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-2
+    augmented = preprocess(images, augment=True)
+    assert augmented.shape == plain.shape and not torch.equal(augmented, plain)
+    with pytest.raises(TypeError, match="uint8"):
+        preprocess(images.float(), augment=False)
+
+
+def test_load_results_rejects_a_folder_that_holds_no_experiment(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="not a results folder"):
+        load_results(tmp_path)

@@ -1,0 +1,111 @@
+"""Figures: every plot writes a non-empty PNG; activations are recorded where the layer runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from threadpoolctl import threadpool_limits
+
+from contextnorm.config import TrainConfig
+from contextnorm.data import ImageData
+from contextnorm.metrics import summarize
+from contextnorm.plots import (
+    plot_activation_histograms,
+    plot_curves,
+    plot_feature_projection,
+    plot_metric_bars,
+)
+from contextnorm.training import (
+    ActivationSample,
+    BatchNorm,
+    BatchPreprocess,
+    ClassificationModule,
+    ContextSplit,
+    capture_activations,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path) -> None:
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE)
+    assert len(data) > 1000
+
+
+def synthetic_sample(seed: int, num_contexts: int = 2) -> ActivationSample:
+    generator = np.random.default_rng(seed)
+    contexts = generator.integers(0, num_contexts, 60)
+    # Two well separated modes, as an input channel of two visual domains would show.
+    values = np.concatenate([generator.normal(-2, 0.5, 400), generator.normal(2, 0.7, 600)])
+    features = generator.normal(size=(60, 8)) + contexts[:, None] * 3.0
+    return ActivationSample("BatchNorm", 0, values, features, contexts, generator.integers(0, 10, 60))
+
+
+def history(losses: list[float]) -> list[dict[str, float]]:
+    return [
+        {"epoch": epoch, "train/loss": loss, "val/loss": loss + 0.1, "train/accuracy": 1 - loss / 3, "val/accuracy": 0.9 - loss / 3}
+        for epoch, loss in enumerate(losses)
+    ]
+
+
+def test_curves_average_seeds_of_different_lengths(tmp_path) -> None:
+    histories = {
+        "bn": [history([2.0, 1.0, 0.5]), history([2.2, 1.1, 0.4])],
+        "cn": [history([1.5, 0.7]), history([1.4, 0.6, 0.3])],
+    }
+    assert_png(plot_curves(histories, tmp_path / "curves.png"))
+
+
+def test_activation_histogram_and_projections(tmp_path) -> None:
+    samples = {"bn": synthetic_sample(0), "cn": synthetic_sample(1)}
+    assert_png(plot_activation_histograms(samples, 2, tmp_path / "activations.png"))
+    assert_png(plot_feature_projection(samples, ["original", "inverted"], tmp_path / "pca.png"))
+    # OpenMP threads that spin while waiting for each other make t-SNE crawl on busy cores.
+    with threadpool_limits(1):
+        tsne = plot_feature_projection(samples, ["original", "inverted"], tmp_path / "tsne.png", method="tsne")
+    assert_png(tsne)
+    with pytest.raises(ValueError, match="'pca' or 'tsne'"):
+        plot_feature_projection(samples, ["a", "b"], tmp_path / "x.png", method="umap")
+
+
+def test_metric_bars_with_one_seed_and_several_views(tmp_path) -> None:
+    summaries = {
+        "bn": {"oracle": summarize([0.8, 0.82]), "predicted": summarize([0.8, 0.82])},
+        "cn": {"oracle": summarize([0.9]), "predicted": summarize([0.7])},
+    }
+    titles = {"oracle": "oracle context", "predicted": "predicted context"}
+    assert_png(plot_metric_bars(summaries, titles, "test accuracy", tmp_path / "bars.png"))
+
+
+def test_activation_sample_round_trips_through_npz(tmp_path) -> None:
+    sample = synthetic_sample(3)
+    loaded = ActivationSample.load(sample.save(tmp_path / "sample.npz"))
+    assert (loaded.layer, loaded.channel) == (sample.layer, sample.channel)
+    for name in ("channel_values", "features", "contexts", "labels"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(sample, name))
+
+
+def test_capture_records_the_hooked_layer_input_and_pooled_output() -> None:
+    torch.manual_seed(0)
+    norm = BatchNorm(5)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 5, 3, padding=1), norm, torch.nn.Flatten(), torch.nn.Linear(5 * 36, 3))
+    images = torch.randint(0, 256, (20, 1, 6, 6), dtype=torch.uint8)
+    data = ImageData(images, torch.arange(20) % 3, ["a", "b", "c"])
+    split = ContextSplit(data, torch.arange(20) % 2)
+    module = ClassificationModule(model, BatchPreprocess([0.5], [0.25], (6, 6), crop_flip=False), TrainConfig(), 3)
+
+    sample = capture_activations(module, norm, split, samples=8, channel=2, seed=0)
+    assert sample.channel_values.shape == (8 * 6 * 6,)
+    assert sample.features.shape == (8, 5)
+    assert sample.contexts.shape == sample.labels.shape == (8,)
+    # Eval-mode BatchNorm at initialisation is the identity, so the pooled output is the pooled input.
+    with torch.no_grad():
+        chosen = np.sort(np.random.default_rng(0).permutation(20)[:8])
+        convolved = model[0]((images[chosen].float() / 255 - 0.5) / 0.25)
+    np.testing.assert_allclose(sample.features, convolved.mean(dim=(2, 3)).numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.sort(sample.channel_values), np.sort(convolved[:, 2].flatten().numpy()), atol=1e-5)
+    assert module.training, "capture restores the module's training mode"
+    with pytest.raises(ValueError, match="plots.channel=7"):
+        capture_activations(module, norm, split, samples=8, channel=7, seed=0)
