@@ -26,13 +26,24 @@ def test_list_shows_methods_data_sets_models_and_configs(capsys) -> None:
     output = capsys.readouterr().out
     for name in METHODS:
         assert f"\n  {name} " in output
-    for name in ("digits", "image-folder", "shallow_cnn", "densenet40", "vit", "superclass", "demo"):
+    for name in (
+        "digits",
+        "image-folder",
+        "shallow_cnn",
+        "densenet40",
+        "vit",
+        "superclass",
+        "demo",
+    ):
         assert name in output
 
 
 def test_the_module_runs_as_a_program() -> None:
     finished = subprocess.run(
-        [sys.executable, "-m", "contextnorm.cli", "list"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "contextnorm.cli", "list"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert finished.returncode == 0, finished.stderr
     assert "methods" in finished.stdout

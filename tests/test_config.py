@@ -34,13 +34,21 @@ def test_demo_is_shipped_with_the_main_job_settings() -> None:
     assert config.data.name == "digits"
     assert config.contexts.kind == "domain"
     assert [method.name for method in config.methods] == [
-        "bn", "cn", "cnx", "cne", "acn", "mixnorm", "modenorm"
+        "bn",
+        "cn",
+        "cnx",
+        "cne",
+        "acn",
+        "mixnorm",
+        "modenorm",
     ]
     assert len(config.train.seeds) >= 3
 
 
 def test_unknown_top_level_key_names_the_key_and_the_valid_ones() -> None:
-    with pytest.raises(ConfigError, match=r"unknown config key 'trian'.*valid keys: name, output_dir"):
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'trian'.*valid keys: name, output_dir"
+    ):
         parse_config({"trian": {}})
 
 
@@ -83,12 +91,18 @@ def test_repeated_method_rows_need_distinct_labels() -> None:
         ({"train": {"epochs": 0}}, "train.epochs must be a positive integer"),
         ({"train": {"lr": 0}}, "train.lr must be positive"),
         ({"train": {"optimizer": "adam"}}, "train.optimizer must be one of adamw, sgd"),
-        ({"train": {"schedule": "step"}}, "train.schedule must be one of constant, multistep, cosine"),
+        (
+            {"train": {"schedule": "step"}},
+            "train.schedule must be one of constant, multistep, cosine",
+        ),
         ({"train": {"seeds": [1, 1]}}, "train.seeds must not repeat"),
         ({"train": {"seeds": 3}}, "train.seeds must be a list"),
         ({"data": {"val_fraction": 1.0}}, r"data.val_fraction must be in \[0, 1\)"),
         ({"data": {"augment": "flip"}}, "data.augment must be one of"),
-        ({"contexts": {"num_contexts": 0}}, "contexts.num_contexts must be a positive integer or null"),
+        (
+            {"contexts": {"num_contexts": 0}},
+            "contexts.num_contexts must be a positive integer or null",
+        ),
         ({"model": {"options": []}}, "model.options must be a mapping"),
         ({"methods": []}, "methods must list at least one method"),
     ],
@@ -137,12 +151,12 @@ def test_an_unknown_override_key_fails_like_an_unknown_file_key() -> None:
 
 @pytest.mark.parametrize("override", ["train.epochs", "=3", "train..epochs=3"])
 def test_malformed_overrides_explain_the_form(override: str) -> None:
-    with pytest.raises(ConfigError, match="key.sub=value"):
+    with pytest.raises(ConfigError, match=r"key\.sub=value"):
         apply_overrides({}, [override])
 
 
 def test_an_override_cannot_descend_into_a_plain_value() -> None:
-    with pytest.raises(ConfigError, match="train.epochs holds a value"):
+    with pytest.raises(ConfigError, match=r"train\.epochs holds a value"):
         apply_overrides({"train": {"epochs": 3}}, ["train.epochs.x=1"])
 
 
@@ -155,7 +169,7 @@ def test_load_config_reads_files_and_applies_overrides(tmp_path) -> None:
 
 
 def test_a_missing_config_lists_the_shipped_ones() -> None:
-    with pytest.raises(ConfigError, match="shipped configs: .*demo"):
+    with pytest.raises(ConfigError, match=r"shipped configs: .*demo"):
         load_config("no-such-config")
 
 

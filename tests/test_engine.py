@@ -1,4 +1,4 @@
-"""The experiment engine: input checks before training, end-to-end runs, resume, aggregation, views."""
+"""The experiment engine: checks before training, end-to-end runs, resume, aggregation, views."""
 
 from __future__ import annotations
 
@@ -100,14 +100,29 @@ def test_a_bad_context_column_fails_before_training(tmp_path, monkeypatch, colum
             ["methods=[{name: cn, options: {num_contexts: 3}}]"],
             "num_contexts=3 disagrees with contexts.num_contexts=2",
         ),
-        (["methods=[{name: cn, options: {momentun: 0.1}}]"], "no option 'momentun'; valid options: .*momentum"),
+        (
+            ["methods=[{name: cn, options: {momentun: 0.1}}]"],
+            "no option 'momentun'; valid options: .*momentum",
+        ),
         (["contexts.num_contexts=3"], r"contexts \(domain\): num_contexts=3"),
         (["contexts.kind=clusters"], "unknown context kind 'clusters'"),
         (["model.options.depth=3"], "does not take depth"),
         (["model.placement=patch"], "does not support placement mode 'patch'"),
-        (["plots.enabled=true", "plots.channel=4"], "plots.channel=4 but the recorded norm layer has 4 channels"),
+        (
+            ["plots.enabled=true", "plots.channel=4"],
+            "plots.channel=4 but the recorded norm layer has 4 channels",
+        ),
     ],
-    ids=["method", "layer-k", "option", "context-k", "kind", "model-option", "placement", "channel"],
+    ids=[
+        "method",
+        "layer-k",
+        "option",
+        "context-k",
+        "kind",
+        "model-option",
+        "placement",
+        "channel",
+    ],
 )
 def test_config_mistakes_fail_before_training(tmp_path, overrides, message) -> None:
     config = tiny_config(tmp_path, *overrides)
@@ -138,27 +153,56 @@ def test_check_contexts_accepts_a_valid_column_and_names_the_split() -> None:
 @pytest.mark.slow
 def test_tiny_experiment_writes_results_tables_and_figures(tmp_path) -> None:
     config = tiny_config(
-        tmp_path, "train.seeds=[0, 1]", "plots.enabled=true", "plots.samples=64", "train.progress=run"
+        tmp_path,
+        "train.seeds=[0, 1]",
+        "plots.enabled=true",
+        "plots.samples=64",
+        "train.progress=run",
     )
     lines: list[str] = []
     results_dir = run_experiment(config, echo=lines.append)
 
-    for name in ("results.md", "results.csv", "curves.png", "test_accuracy.png", "activations.png", "features_pca.png"):
+    for name in (
+        "results.md",
+        "results.csv",
+        "curves.png",
+        "test_accuracy.png",
+        "activations.png",
+        "features_pca.png",
+    ):
         assert (results_dir / name).stat().st_size > 0, name
     assert (results_dir / "runs" / "bn" / "seed-0" / "activations.npz").is_file()
 
     rows = {row["method"]: row for row in csv.DictReader((results_dir / "results.csv").open())}
     assert set(rows) == {"bn", "cn"}
     for method in ("bn", "cn"):
-        accuracies = [read_result(config, method, seed)["test"]["input"]["accuracy"] for seed in (0, 1)]
+        accuracies = [
+            read_result(config, method, seed)["test"]["input"]["accuracy"] for seed in (0, 1)
+        ]
         assert int(rows[method]["seeds"]) == 2
-        assert float(rows[method]["input_accuracy_mean"]) == pytest.approx(statistics.fmean(accuracies))
-        assert float(rows[method]["input_accuracy_std"]) == pytest.approx(statistics.stdev(accuracies))
+        assert float(rows[method]["input_accuracy_mean"]) == pytest.approx(
+            statistics.fmean(accuracies)
+        )
+        assert float(rows[method]["input_accuracy_std"]) == pytest.approx(
+            statistics.stdev(accuracies)
+        )
         record = read_result(config, method, 0)
         assert record["epochs"] == 1 and len(record["history"]) == 1
-        assert {"train/loss", "val/loss", "train/accuracy", "val/accuracy"} <= set(record["history"][0])
-        assert set(record["test"]["input"]) == {"accuracy", "top5", "precision", "recall", "f1", "loss"}
-    assert read_result(config, "cn", 0)["uses_context"] and not read_result(config, "bn", 0)["uses_context"]
+        assert {"train/loss", "val/loss", "train/accuracy", "val/accuracy"} <= set(
+            record["history"][0]
+        )
+        assert set(record["test"]["input"]) == {
+            "accuracy",
+            "top5",
+            "precision",
+            "recall",
+            "f1",
+            "loss",
+        }
+    assert (
+        read_result(config, "cn", 0)["uses_context"]
+        and not read_result(config, "bn", 0)["uses_context"]
+    )
 
     markdown = (results_dir / "results.md").read_text(encoding="utf-8")
     assert "| bn | 2 |" in markdown and "![curves](curves.png)" in markdown
@@ -166,7 +210,9 @@ def test_tiny_experiment_writes_results_tables_and_figures(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_a_resumed_run_continues_its_checkpoint_exactly_and_finished_runs_are_reused(tmp_path) -> None:
+def test_a_resumed_run_continues_its_checkpoint_exactly_and_finished_runs_are_reused(
+    tmp_path,
+) -> None:
     uninterrupted = tiny_config(tmp_path / "a", "methods=[cn]", "train.epochs=2")
     run_experiment(uninterrupted)
 
@@ -188,7 +234,10 @@ def test_a_resumed_run_continues_its_checkpoint_exactly_and_finished_runs_are_re
     result_file = resumed.results_dir / "runs" / "cn" / "seed-0" / "result.json"
     before = result_file.stat().st_mtime_ns
     lines: list[str] = []
-    run_experiment(tiny_config(tmp_path / "b", "methods=[cn]", "train.epochs=2", "train.progress=run"), echo=lines.append)
+    run_experiment(
+        tiny_config(tmp_path / "b", "methods=[cn]", "train.epochs=2", "train.progress=run"),
+        echo=lines.append,
+    )
     assert result_file.stat().st_mtime_ns == before
     assert any("reused" in line for line in lines)
 
@@ -218,12 +267,17 @@ def test_label_derived_contexts_report_oracle_predicted_and_unknown_views(tmp_pa
     for view in ("oracle", "predicted", "unknown"):
         assert f"{view}_accuracy_mean" in header
     markdown = (results_dir / "results.md").read_text(encoding="utf-8")
-    assert "accuracy, oracle context | accuracy, predicted context | accuracy, unknown context" in markdown
+    assert (
+        "accuracy, oracle context | accuracy, predicted context | accuracy, unknown context"
+        in markdown
+    )
 
     context_free = read_result(config, "bn", 0)["test"]
     assert context_free["oracle"] == context_free["predicted"] == context_free["unknown"]
     with_context = read_result(config, "cn", 0)["test"]
-    assert all(0.0 <= with_context[view]["accuracy"] <= 1.0 for view in ("oracle", "predicted", "unknown"))
+    assert all(
+        0.0 <= with_context[view]["accuracy"] <= 1.0 for view in ("oracle", "predicted", "unknown")
+    )
 
 
 def test_input_derived_contexts_have_a_single_view(tmp_path) -> None:

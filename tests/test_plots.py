@@ -40,12 +40,20 @@ def synthetic_sample(seed: int, num_contexts: int = 2) -> ActivationSample:
     # Two well separated modes, as an input channel of two visual domains would show.
     values = np.concatenate([generator.normal(-2, 0.5, 400), generator.normal(2, 0.7, 600)])
     features = generator.normal(size=(60, 8)) + contexts[:, None] * 3.0
-    return ActivationSample("BatchNorm", 0, values, features, contexts, generator.integers(0, 10, 60))
+    return ActivationSample(
+        "BatchNorm", 0, values, features, contexts, generator.integers(0, 10, 60)
+    )
 
 
 def history(losses: list[float]) -> list[dict[str, float]]:
     return [
-        {"epoch": epoch, "train/loss": loss, "val/loss": loss + 0.1, "train/accuracy": 1 - loss / 3, "val/accuracy": 0.9 - loss / 3}
+        {
+            "epoch": epoch,
+            "train/loss": loss,
+            "val/loss": loss + 0.1,
+            "train/accuracy": 1 - loss / 3,
+            "val/accuracy": 0.9 - loss / 3,
+        }
         for epoch, loss in enumerate(losses)
     ]
 
@@ -64,7 +72,9 @@ def test_activation_histogram_and_projections(tmp_path) -> None:
     assert_png(plot_feature_projection(samples, ["original", "inverted"], tmp_path / "pca.png"))
     # OpenMP threads that spin while waiting for each other make t-SNE crawl on busy cores.
     with threadpool_limits(1):
-        tsne = plot_feature_projection(samples, ["original", "inverted"], tmp_path / "tsne.png", method="tsne")
+        tsne = plot_feature_projection(
+            samples, ["original", "inverted"], tmp_path / "tsne.png", method="tsne"
+        )
     assert_png(tsne)
     with pytest.raises(ValueError, match="'pca' or 'tsne'"):
         plot_feature_projection(samples, ["a", "b"], tmp_path / "x.png", method="umap")
@@ -90,22 +100,28 @@ def test_activation_sample_round_trips_through_npz(tmp_path) -> None:
 def test_capture_records_the_hooked_layer_input_and_pooled_output() -> None:
     torch.manual_seed(0)
     norm = BatchNorm(5)
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 5, 3, padding=1), norm, torch.nn.Flatten(), torch.nn.Linear(5 * 36, 3))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 5, 3, padding=1), norm, torch.nn.Flatten(), torch.nn.Linear(5 * 36, 3)
+    )
     images = torch.randint(0, 256, (20, 1, 6, 6), dtype=torch.uint8)
     data = ImageData(images, torch.arange(20) % 3, ["a", "b", "c"])
     split = ContextSplit(data, torch.arange(20) % 2)
-    module = ClassificationModule(model, BatchPreprocess([0.5], [0.25], (6, 6), crop_flip=False), TrainConfig(), 3)
+    module = ClassificationModule(
+        model, BatchPreprocess([0.5], [0.25], (6, 6), crop_flip=False), TrainConfig(), 3
+    )
 
     sample = capture_activations(module, norm, split, samples=8, channel=2, seed=0)
     assert sample.channel_values.shape == (8 * 6 * 6,)
     assert sample.features.shape == (8, 5)
     assert sample.contexts.shape == sample.labels.shape == (8,)
-    # Eval-mode BatchNorm at initialisation is the identity, so the pooled output is the pooled input.
+    # Eval-mode BatchNorm at initialisation is the identity: pooled output = pooled input.
     with torch.no_grad():
         chosen = np.sort(np.random.default_rng(0).permutation(20)[:8])
         convolved = model[0]((images[chosen].float() / 255 - 0.5) / 0.25)
     np.testing.assert_allclose(sample.features, convolved.mean(dim=(2, 3)).numpy(), atol=1e-5)
-    np.testing.assert_allclose(np.sort(sample.channel_values), np.sort(convolved[:, 2].flatten().numpy()), atol=1e-5)
+    np.testing.assert_allclose(
+        np.sort(sample.channel_values), np.sort(convolved[:, 2].flatten().numpy()), atol=1e-5
+    )
     assert module.training, "capture restores the module's training mode"
-    with pytest.raises(ValueError, match="plots.channel=7"):
+    with pytest.raises(ValueError, match=r"plots\.channel=7"):
         capture_activations(module, norm, split, samples=8, channel=7, seed=0)

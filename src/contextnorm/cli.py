@@ -2,9 +2,9 @@
 
 ::
 
-    contextnorm run CONFIG [key=value ...]   run an experiment (a YAML file or a shipped config name)
+    contextnorm run CONFIG [key=value ...]   run an experiment (YAML file or shipped config name)
     contextnorm demo [key=value ...]         the demo: seven normalizations on two-domain digits
-    contextnorm list                         methods, data sets, models, context kinds, shipped configs
+    contextnorm list                         methods, data sets, models, contexts, shipped configs
     contextnorm report RESULTS_DIR           rewrite tables and figures from saved results
 """
 
@@ -76,7 +76,8 @@ def _run(arguments: argparse.Namespace) -> int:
     print()
     print(headline_table(load_results(results_dir)))
     print(
-        f"\nFinished in {time.perf_counter() - start:.0f} s. Results, tables and figures: {results_dir}"
+        f"\nFinished in {time.perf_counter() - start:.0f} s. "
+        f"Results, tables and figures: {results_dir}"
     )
     return 0
 

@@ -300,7 +300,8 @@ class ExperimentConfig:
         _require(
             not duplicates,
             "methods",
-            f"has the row name(s) {duplicates} more than once; give repeated methods distinct `label`s",
+            f"has the row name(s) {duplicates} more than once; "
+            "give repeated methods distinct `label`s",
             labels,
         )
 
@@ -484,7 +485,7 @@ def _join(path: str, key: str) -> str:
 
 
 def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
-    """The config as plain data (YAML- and JSON-serialisable), readable back by :func:`parse_config`."""
+    """The config as plain data (YAML and JSON serialisable), read back by :func:`parse_config`."""
     return dataclasses.asdict(config)
 
 

@@ -28,7 +28,7 @@ TOP_K = 5
 
 
 def classification_metrics(num_classes: int) -> MetricCollection:
-    """Accuracy, top-5 accuracy (only when there are more than 5 classes), macro precision, recall and F1.
+    """Accuracy, top-5 accuracy (for more than 5 classes), macro precision, recall and F1.
 
     The loss is logged by the training module itself, not here.
     """
@@ -37,7 +37,7 @@ def classification_metrics(num_classes: int) -> MetricCollection:
             f"num_classes must be at least 2 for classification metrics, got {num_classes}"
         )
     metrics = {
-        # torchmetrics averages per class by default; "accuracy" here is the plain share of correct answers.
+        # torchmetrics averages per class by default; "accuracy" is the share of correct answers.
         "accuracy": MulticlassAccuracy(num_classes, average="micro"),
         "precision": MulticlassPrecision(num_classes, average="macro"),
         "recall": MulticlassRecall(num_classes, average="macro"),
@@ -60,7 +60,7 @@ class Summary:
     count: int
 
     def format(self, scale: float = 1.0, digits: int = 2) -> str:
-        """``mean ± std`` with both multiplied by ``scale`` (100 for percentages); just the mean for one seed."""
+        """``mean ± std``, both times ``scale`` (100 for percent); the mean alone for one seed."""
         if math.isnan(self.mean):
             return "n/a"
         if math.isnan(self.std):

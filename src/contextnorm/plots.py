@@ -63,7 +63,7 @@ def plot_curves(histories: Mapping[str, Sequence[Sequence[EpochRecord]]], path: 
     epoch that only some seeds reached (early stopping) is averaged over those seeds.
     """
     figure, axes = _figure(len(CURVE_PANELS), columns=2)
-    for (key, title), axis in zip(CURVE_PANELS, axes):
+    for (key, title), axis in zip(CURVE_PANELS, axes, strict=True):
         for method, runs in histories.items():
             epochs, summaries = _per_epoch(runs, key)
             if not epochs:
@@ -94,14 +94,14 @@ def _per_epoch(runs: Sequence[Sequence[EpochRecord]], key: str) -> tuple[list[in
 def plot_activation_histograms(
     samples: Mapping[str, ActivationSample], num_components: int, path: str | Path, *, seed: int = 0
 ) -> Path:
-    """Histogram of one channel at each method's tested norm layer input, with a fitted mixture overlaid.
+    """Histogram of one input channel of each method's tested norm layer, with a fitted mixture.
 
     As in Fig. 2 of the cluster-based normalization paper: a 1-D Gaussian mixture with
     ``num_components`` components is fitted (scikit-learn, EM) to the values; dashed curves are
     the weighted components, the solid curve their sum.
     """
     figure, axes = _figure(len(samples))
-    for (method, sample), axis in zip(samples.items(), axes):
+    for (method, sample), axis in zip(samples.items(), axes, strict=True):
         values = sample.channel_values.astype(np.float64)
         axis.hist(values, bins=HISTOGRAM_BINS, density=True, color="0.75", label="activations")
         grid = np.linspace(values.min(), values.max(), 400)
@@ -114,6 +114,7 @@ def plot_activation_histograms(
                     mixture.weights_[order],
                     mixture.means_.ravel()[order],
                     mixture.covariances_.ravel()[order],
+                    strict=True,
                 )
             ]
             for index, density in enumerate(densities):
@@ -140,14 +141,14 @@ def plot_feature_projection(
     method: str = "pca",
     seed: int = 0,
 ) -> Path:
-    """2-D projection (PCA, or t-SNE with ``method="tsne"``) of each method's normalised features, coloured by context.
+    """2-D projection (PCA, or t-SNE) of each method's normalised features, coloured by context.
 
     Features are the tested layer's output averaged over positions, one point per image.
     """
     if method not in ("pca", "tsne"):
         raise ValueError(f"method must be 'pca' or 'tsne', got {method!r}")
     figure, axes = _figure(len(samples))
-    for (name, sample), axis in zip(samples.items(), axes):
+    for (name, sample), axis in zip(samples.items(), axes, strict=True):
         features = sample.features[:MAX_PROJECTED_POINTS].astype(np.float64)
         contexts = sample.contexts[:MAX_PROJECTED_POINTS]
         points = _project(features, method, seed)
@@ -183,7 +184,7 @@ def plot_metric_bars(
     metric: str,
     path: str | Path,
 ) -> Path:
-    """Bars of one test metric per method and view (mean over seeds, error bar = one standard deviation).
+    """Bars of one test metric per method and view (mean over seeds, error bar: one std).
 
     Args:
         summaries: method -> view -> the metric's summary.

@@ -1,7 +1,7 @@
 """Experiments: every method of a config trained once per seed, with tables and figures.
 
 * :func:`run_experiment`: run (or resume) an experiment; returns the results folder.
-* :func:`prepare_experiment`: load data, build contexts and models, and check them, without training.
+* :func:`prepare_experiment`: load data, build and check contexts and models, without training.
 * :func:`write_report` / :func:`load_results`: tables and figures from a results folder.
 """
 

@@ -30,14 +30,19 @@ UNKNOWN_CONTEXT = -1
 
 VIEW_DESCRIPTIONS: dict[str, str] = {
     "input": "context computed from the test image itself (no label information)",
-    "oracle": "true superclass given at test time: the papers' protocol, which tells the model part of the label",
-    "predicted": "superclass predicted from the image by a separate classifier (PCA + logistic regression)",
+    "oracle": (
+        "true superclass given at test time: the papers' protocol, which tells the model part "
+        "of the label"
+    ),
+    "predicted": (
+        "superclass predicted from the image by a separate classifier (PCA + logistic regression)"
+    ),
     "unknown": "no context given: context layers use their posterior mixture over contexts",
 }
 
 
 class LayerRecorder:
-    """A norm factory that remembers the layers it builds, i.e. the tested layers of a model, in build order."""
+    """A norm factory that remembers the layers it builds: a model's tested layers, in order."""
 
     def __init__(self, factory: Any) -> None:
         self.factory = factory
@@ -51,7 +56,7 @@ class LayerRecorder:
 
 @dataclass
 class BuiltModel:
-    """A model and the norm layers under test inside it (in forward order for the shipped models)."""
+    """A model and the norm layers under test inside it (forward order for the shipped models)."""
 
     model: nn.Module
     tested_layers: list[nn.Module]
@@ -64,7 +69,7 @@ class PreparedExperiment:
     Attributes:
         config: the checked config.
         train, val: training and validation splits with their contexts.
-        test_views: view name -> the test split with that view's contexts (see ``VIEW_DESCRIPTIONS``).
+        test_views: view name -> the test split with that view's contexts (``VIEW_DESCRIPTIONS``).
         num_contexts: K.
         context_names: a name for each context id.
         context_prediction_accuracy: for label-derived contexts, how often the predicted context
@@ -89,7 +94,7 @@ class PreparedExperiment:
         return self.train.data.num_classes
 
     def build_model(self, index: int) -> BuiltModel:
-        """The model of ``config.methods[index]``, freshly initialised from the current random state."""
+        """The model of ``config.methods[index]``, initialised from the current random state."""
         method = self.config.methods[index]
         where = f"methods[{index}] ({method.display_name})"
         recorder = LayerRecorder(
@@ -117,7 +122,8 @@ class PreparedExperiment:
             raise ConfigError(f"model ({model_config.name}) for {where}: {error}") from error
         if not recorder.layers:
             raise ConfigError(
-                f"model.placement={model_config.placement!r} puts no tested norm into {model_config.name}; "
+                f"model.placement={model_config.placement!r} puts no tested norm into "
+                f"{model_config.name}; "
                 "choose a placement the model supports"
             )
         return BuiltModel(model, recorder.layers)
@@ -133,7 +139,7 @@ class PreparedExperiment:
         return module, built
 
     def datamodule(self, views: Sequence[str] | None = None) -> ContextDataModule:
-        """Loaders over the prepared splits; the test loaders cover ``views`` (all views by default)."""
+        """Loaders over the prepared splits; the test loaders cover ``views`` (default: all)."""
         settings = self.config.train
         chosen = list(self.test_views) if views is None else list(views)
         return ContextDataModule(
@@ -253,7 +259,7 @@ def prepare_experiment(config: ExperimentConfig) -> PreparedExperiment:
 
 
 def _check_recorded_layer(config: ExperimentConfig, built: BuiltModel, index: int) -> None:
-    """Fail now, not after the first run, if the figures ask for a layer or channel that is not there."""
+    """Fail now, not after the first run, if the figures ask for a missing layer or channel."""
     plots = config.plots
     if not plots.enabled:
         return
@@ -273,7 +279,7 @@ def _check_recorded_layer(config: ExperimentConfig, built: BuiltModel, index: in
 
 
 def check_contexts(contexts: Any, split: str, num_samples: int, num_contexts: int) -> torch.Tensor:
-    """``contexts`` if it is an int64 tensor (N,) of ids in [0, K); otherwise a ConfigError naming the split.
+    """``contexts`` if it is an int64 tensor (N,) of ids in [0, K); else an error naming the split.
 
     Args:
         contexts: the context column of one split.
@@ -288,17 +294,20 @@ def check_contexts(contexts: Any, split: str, num_samples: int, num_contexts: in
     ):
         raise ConfigError(
             f"contexts of the {split} split must be an int64 tensor (N,) of context ids; got "
-            f"{getattr(contexts, 'dtype', type(contexts).__name__)} {tuple(getattr(contexts, 'shape', ()))}"
+            f"{getattr(contexts, 'dtype', type(contexts).__name__)} "
+            f"{tuple(getattr(contexts, 'shape', ()))}"
         )
     if len(contexts) != num_samples:
         raise ConfigError(
-            f"contexts of the {split} split have {len(contexts)} entries but the split has {num_samples} "
+            f"contexts of the {split} split have {len(contexts)} entries but the split has "
+            f"{num_samples} "
             "samples; the context column needs exactly one id per sample"
         )
     if num_samples and (int(contexts.min()) < 0 or int(contexts.max()) >= num_contexts):
         raise ConfigError(
-            f"contexts of the {split} split must lie in [0, {num_contexts}) for K={num_contexts}; got ids in "
-            f"[{int(contexts.min())}, {int(contexts.max())}]. Set contexts.num_contexts to the number of contexts "
+            f"contexts of the {split} split must lie in [0, {num_contexts}) for K={num_contexts}; "
+            f"got ids in [{int(contexts.min())}, {int(contexts.max())}]. Set "
+            "contexts.num_contexts to the number of contexts "
             "the data define, or fix the context column"
         )
     return contexts
@@ -336,7 +345,7 @@ def _split_validation(data: ImageData, config: ExperimentConfig) -> tuple[ImageD
 def _stratified_partition(
     data: ImageData, first_size: int, seed: int, key: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of a seeded random split into ``first_size`` and the rest, stratified by label where possible."""
+    """A seeded split of the indices into ``first_size`` and the rest, stratified where possible."""
     positions = np.arange(len(data))
     labels = data.labels.numpy()
     counts = np.bincount(labels)

@@ -105,13 +105,14 @@ def load_results(results_dir: str | Path) -> ExperimentResults:
     """Read a results folder written by ``run_experiment``.
 
     Raises:
-        FileNotFoundError: the folder is not a results folder (no ``config.yaml`` or ``experiment.json``).
+        FileNotFoundError: not a results folder (no ``config.yaml`` or ``experiment.json``).
     """
     results_dir = Path(results_dir)
     for required in (CONFIG_FILE, EXPERIMENT_FILE):
         if not (results_dir / required).is_file():
             raise FileNotFoundError(
-                f"{results_dir} is not a results folder: {required} is missing; pass the output_dir of an experiment"
+                f"{results_dir} is not a results folder: {required} is missing; "
+                "pass the output_dir of an experiment"
             )
     config = parse_config(yaml.safe_load((results_dir / CONFIG_FILE).read_text(encoding="utf-8")))
     info = json.loads((results_dir / EXPERIMENT_FILE).read_text(encoding="utf-8"))
@@ -127,7 +128,7 @@ def load_results(results_dir: str | Path) -> ExperimentResults:
 
 
 def write_report(results_dir: str | Path, *, figures: bool = True) -> Path:
-    """Write ``results.md`` and ``results.csv`` (and, with ``figures``, the PNG figures) from saved results.
+    """Write ``results.md``, ``results.csv`` and (with ``figures``) the figures from saved results.
 
     Returns:
         The path of ``results.md``.
@@ -155,7 +156,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def headline_table(results: ExperimentResults) -> str:
-    """Test accuracy (%) per method in every view, with the number of seeds and the seconds per epoch."""
+    """Test accuracy (%) per method in every view, with the number of seeds and s per epoch."""
     header = [
         "method",
         "seeds",
@@ -184,11 +185,14 @@ def render_markdown(results: ExperimentResults, figures: list[Path] = ()) -> str
         f"- data: {config.data.name}, {samples['train']} training / {samples['val']} validation / "
         f"{samples['test']} test images of shape {'x'.join(map(str, info['image_shape']))}, "
         f"{info['num_classes']} classes; augmentation: {info['augmentation']}",
-        f"- contexts: {config.contexts.kind}, K = {info['num_contexts']} ({', '.join(info['context_names'])})",
+        f"- contexts: {config.contexts.kind}, K = {info['num_contexts']} "
+        f"({', '.join(info['context_names'])})",
         f"- model: {config.model.name}, tested norm placement: {config.model.placement}",
-        f"- training: {config.train.epochs} epochs, batch {config.train.batch_size}, {config.train.optimizer} "
-        f"lr {config.train.lr:g}, weight decay {config.train.weight_decay:g}, schedule {config.train.schedule}",
-        "- numbers: mean ± sample standard deviation over seeds (n - 1); accuracy-type metrics in %.",
+        f"- training: {config.train.epochs} epochs, batch {config.train.batch_size}, "
+        f"{config.train.optimizer} lr {config.train.lr:g}, weight decay "
+        f"{config.train.weight_decay:g}, schedule {config.train.schedule}",
+        "- numbers: mean ± sample standard deviation over seeds (n - 1); accuracy-type metrics "
+        "in %.",
         "",
         "Test views (which context the model is given at test time):",
         "",
@@ -197,8 +201,9 @@ def render_markdown(results: ExperimentResults, figures: list[Path] = ()) -> str
     if info.get("context_prediction_accuracy") is not None:
         lines += [
             "",
-            f"The context predictor recovers the true context of {100 * info['context_prediction_accuracy']:.2f} % "
-            "of the test images. Models without context layers ignore the context, so their views coincide.",
+            "The context predictor recovers the true context of "
+            f"{100 * info['context_prediction_accuracy']:.2f} % of the test images. Models without "
+            "context layers ignore the context, so their views coincide.",
         ]
     lines += ["", "## Test accuracy (%)", "", headline_table(results)]
     metrics = results.metrics()
@@ -220,7 +225,7 @@ def render_markdown(results: ExperimentResults, figures: list[Path] = ()) -> str
 
 
 def render_csv(results: ExperimentResults) -> str:
-    """The text of ``results.csv``: one row per method, ``<view>_<metric>_mean`` / ``_std`` columns."""
+    """The text of ``results.csv``: a row per method, ``<view>_<metric>_mean``/``_std`` columns."""
     metrics = results.metrics()
     header = ["method", "name", "seeds", "epochs", "time_per_epoch_s_mean", "time_per_epoch_s_std"]
     header += [
@@ -252,7 +257,7 @@ def render_csv(results: ExperimentResults) -> str:
 
 
 def draw_figures(results: ExperimentResults) -> list[Path]:
-    """Draw the curves, test-accuracy bars, activation histograms and feature projections; return the files."""
+    """Draw curves, test-accuracy bars, activation histograms and projections; return the files."""
     finished = results.finished()
     if not finished:
         return []

@@ -81,7 +81,7 @@ Echo = Callable[[str], None]
 
 
 def run_experiment(config: ExperimentConfig, *, echo: Echo = print) -> Path:
-    """Train and evaluate every method of ``config`` once per seed; write results, tables and figures.
+    """Train and test every method of ``config`` once per seed; write results, tables, figures.
 
     Everything that can be checked without training is checked first (see
     :func:`prepare_experiment`). Finished runs found in the results folder are reused.
@@ -97,7 +97,9 @@ def run_experiment(config: ExperimentConfig, *, echo: Echo = print) -> Path:
         prepared = prepare_experiment(config)
         results_dir = config.results_dir
         atomic_write_text(results_dir / CONFIG_FILE, dump_config(config))
-        atomic_write_json(results_dir / EXPERIMENT_FILE, {"name": config.name, **prepared.summary()})
+        atomic_write_json(
+            results_dir / EXPERIMENT_FILE, {"name": config.name, **prepared.summary()}
+        )
         say = echo if config.train.progress != "none" else _silent
         total = len(config.methods) * len(config.train.seeds)
         say(
@@ -113,7 +115,8 @@ def run_experiment(config: ExperimentConfig, *, echo: Echo = print) -> Path:
                 status = "reused" if reused else f"{record['time_per_epoch_s']:.2f} s/epoch"
                 say(
                     f"[{finished:>{len(str(total))}}/{total}] {method.display_name:<14} "
-                    f"seed {seed}: test accuracy {accuracy:.4f}  ({record['epochs']} epochs, {status})"
+                    f"seed {seed}: test accuracy {accuracy:.4f}  "
+                    f"({record['epochs']} epochs, {status})"
                 )
                 # Tables after each run: a long job shows its results so far.
                 write_report(results_dir, figures=False)
@@ -139,6 +142,7 @@ def _cpu_threads(count: int | None) -> Iterator[None]:
             yield
     finally:
         torch.set_num_threads(previous)
+
 
 def run_single(
     prepared: PreparedExperiment, index: int, seed: int, *, echo: Echo = print
@@ -197,11 +201,15 @@ def run_single(
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
         if len(history.records) > config.train.epochs:
             raise ConfigError(
-                f"{run_dir} holds a run of {len(history.records)} epochs, more than train.epochs={config.train.epochs}; "
+                f"{run_dir} holds a run of {len(history.records)} epochs, more than "
+                f"train.epochs={config.train.epochs}; "
                 "delete that folder or choose another output_dir"
             )
         outputs = trainer.test(module, datamodule=datamodule, verbose=False)
-    tested = {view: _view_metrics(output, view) for view, output in zip(tested_views, outputs)}
+    tested = {
+        view: _view_metrics(output, view)
+        for view, output in zip(tested_views, outputs, strict=True)
+    }
     record = {
         "method": method.display_name,
         "name": method.name,
@@ -225,7 +233,7 @@ def run_single(
 
 
 def run_fingerprints(config: ExperimentConfig, index: int, seed: int) -> tuple[str, str]:
-    """Hashes of the settings of one run: (what its checkpoints belong to, what its result belongs to).
+    """Hashes of a run's settings: (what its checkpoints belong to, what its result belongs to).
 
     The first leaves out the settings under which a checkpoint can be continued (the
     early-stopping patience, and the epoch count unless the learning-rate schedule depends on
@@ -310,7 +318,8 @@ def _epoch_printer(label: str, seed: int, echo: Echo) -> Callable[[EpochRecord],
         echo(
             f"    {label} seed {seed} epoch {int(record['epoch']) + 1}: "
             f"train loss {record.get('train/loss', float('nan')):.4f}, "
-            f"val accuracy {record.get('val/accuracy', float('nan')):.4f} ({record['time_s']:.1f} s)"
+            f"val accuracy {record.get('val/accuracy', float('nan')):.4f} "
+            f"({record['time_s']:.1f} s)"
         )
 
     return report
@@ -333,5 +342,5 @@ def _quiet_lightning() -> Iterator[None]:
                 warnings.filterwarnings("ignore", message=pattern)
             yield
     finally:
-        for logger, level in zip(loggers, levels):
+        for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)

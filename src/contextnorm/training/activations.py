@@ -1,4 +1,4 @@
-"""Activations at a norm layer, recorded with forward hooks, for the histogram and projection figures."""
+"""Activations at a norm layer, recorded with forward hooks, for the histograms and projections."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def capture_activations(
     channel: int,
     seed: int,
 ) -> ActivationSample:
-    """Run ``samples`` random images of ``split`` through ``module`` in eval mode and record ``layer``.
+    """Run ``samples`` random images of ``split`` through ``module`` (eval mode); record ``layer``.
 
     Args:
         module: the trained module (its preprocessing and context routing are used).

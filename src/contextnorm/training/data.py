@@ -28,7 +28,8 @@ class ContextSplit:
     def __post_init__(self) -> None:
         if self.contexts.dtype != torch.int64 or self.contexts.shape != (len(self.data),):
             raise ValueError(
-                f"contexts must be an int64 tensor of shape ({len(self.data)},), one id per sample; "
+                f"contexts must be an int64 tensor of shape ({len(self.data)},), "
+                "one id per sample; "
                 f"got dtype {self.contexts.dtype} and shape {tuple(self.contexts.shape)}"
             )
 

@@ -21,7 +21,7 @@ from contextnorm.config import ConfigError
 
 
 class BatchNorm(nn.BatchNorm2d):
-    """BatchNorm over every axis but the channel axis 1, for (N, C), (N, C, L) or (N, C, H, W) inputs.
+    """BatchNorm over every axis but the channel axis 1: (N, C), (N, C, L) or (N, C, H, W) inputs.
 
     The models call norms on images, feature maps and channel-first tokens alike; the built-in
     classes each accept one rank, while the computation is the same for all.
@@ -30,7 +30,8 @@ class BatchNorm(nn.BatchNorm2d):
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(
-                f"BatchNorm expects a tensor (N, C, ...) with at least 2 dims, got shape {tuple(input.shape)}"
+                "BatchNorm expects a tensor (N, C, ...) with at least 2 dims, "
+                f"got shape {tuple(input.shape)}"
             )
 
 
@@ -87,15 +88,17 @@ class NormMethod:
         unknown = [key for key in options if key not in valid]
         if unknown:
             raise ConfigError(
-                f"{where}: method {self.name!r} has no option {unknown[0]!r}; valid options: {', '.join(valid)}"
+                f"{where}: method {self.name!r} has no option {unknown[0]!r}; "
+                f"valid options: {', '.join(valid)}"
             )
         arguments = {**self.fixed_options, **options}
         if self.count_argument is not None:
             given = arguments.setdefault(self.count_argument, num_contexts)
             if self.uses_context and given != num_contexts:
                 raise ConfigError(
-                    f"{where}: {self.count_argument}={given!r} disagrees with contexts.num_contexts={num_contexts}; "
-                    f"a context layer needs one slot per context, so drop the option or change contexts.num_contexts"
+                    f"{where}: {self.count_argument}={given!r} disagrees with "
+                    f"contexts.num_contexts={num_contexts}; a context layer needs one slot per "
+                    "context, so drop the option or change contexts.num_contexts"
                 )
 
         def build(num_features: int) -> nn.Module:

@@ -90,7 +90,7 @@ class ContextModule(L.LightningModule):
 
 
 class ClassificationModule(ContextModule):
-    """Classification with cross-entropy; logs loss and accuracy per epoch, full metrics on validation and test.
+    """Classification with cross-entropy: loss and accuracy per epoch, all metrics on val and test.
 
     Logged names: ``train/loss``, ``train/accuracy``, ``val/<metric>`` and, for each test view,
     ``test/<view>/<metric>`` (metrics: see :func:`contextnorm.metrics.classification_metrics`).

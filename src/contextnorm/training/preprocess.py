@@ -1,4 +1,4 @@
-"""Batch preprocessing on the training device: uint8 -> float, augmentation, mean/std normalisation."""
+"""Batch preprocessing on the training device: uint8 -> float, augmentation, normalisation."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ class BatchPreprocess(nn.Module):
         )
 
     def forward(self, images: torch.Tensor, augment: bool) -> torch.Tensor:
-        """Float images (N, C, H, W), normalised; augmented too when ``augment`` and augmentation is on."""
+        """Float images (N, C, H, W), normalised, and augmented if ``augment`` and crop_flip."""
         if images.dtype != torch.uint8:
             raise TypeError(
                 f"images must be uint8 (N, C, H, W) as the data sets store them; got {images.dtype}"

@@ -46,7 +46,8 @@ def build_trainer(
     callbacks: list[L.Callback] = [
         history,
         EpochSeeding(seed),
-        # save_top_k=1 without a monitored metric keeps the newest epoch; save_last names it last.ckpt.
+        # save_top_k=1 with no monitored metric keeps the newest epoch; save_last copies it to
+        # last.ckpt.
         ModelCheckpoint(dirpath=run_dir / CHECKPOINT_FOLDER, save_last=True, save_top_k=1),
     ]
     if settings.early_stopping_patience is not None:
@@ -64,7 +65,7 @@ def build_trainer(
         plugins=[AtomicCheckpointIO()],
         enable_progress_bar=settings.progress == "bar",
         enable_model_summary=False,
-        # A sanity check would draw from the random state before the first epoch and break exact resume.
+        # A sanity check draws from the random state before the first epoch: no exact resume.
         num_sanity_val_steps=0,
         log_every_n_steps=max(1, min(DEFAULT_LOG_INTERVAL, num_train_batches)),
         default_root_dir=run_dir,
