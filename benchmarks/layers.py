@@ -6,15 +6,21 @@ included, as inside a network). A plain per-context loop implementation of CN is
 too, as the reference a straightforward implementation would give.
 
 Shared machines are noisy, so timings are interleaved: each round times every
-configuration once in a fresh random order, each beside a BatchNorm pass of its own, and a
-configuration's ratio is taken against that BatchNorm time. The report gives, per
-configuration, the median time over rounds and the median and inter-quartile range of the
-per-round ratio. Results are rewritten after every round, so an interrupted run keeps the
-rounds it finished.
+configuration once in a fresh random order, each beside a BatchNorm timing of its own, and
+a configuration's ratio is taken against that BatchNorm time; each timing is the fastest of
+a few alternating passes. The report gives, per configuration, the median time over rounds
+and the median and inter-quartile range of the per-round ratio. Results are rewritten after
+every round, so an interrupted run keeps the rounds it finished.
+
+Under load from other jobs, multi-threaded timings of layers built from many small
+operations suffer most (each parallel region waits for a thread that lost its core), so
+default-thread ratios measured on a busy machine overstate their cost; ``--threads 1``
+gives ratios that hold up under load.
 
 Usage::
 
-    python benchmarks/layers.py                      # full run on the CPU
+    python benchmarks/layers.py                            # full run on the CPU
+    python benchmarks/layers.py --threads 1                # busy machine: ratios robust to load
     python benchmarks/layers.py --rounds 25 --device cuda
     python benchmarks/layers.py --quick --out /tmp/bench   # smoke test, seconds
 """
@@ -24,6 +30,8 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import math
+import os
 import platform
 import random
 import statistics
@@ -48,6 +56,7 @@ CONTEXT_COUNTS = (1, 3, 20, 100, 1000)
 MIXTURE_COUNTS = (3, 8)
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REFERENCE = "BatchNorm2d"
+PAIR_BUDGET_SECONDS = 1.0
 
 # Speed goals relative to BatchNorm: CN and CN-X must stay near BatchNorm at any K; ACN, which
 # works per position rather than per sample, is allowed more.
@@ -154,6 +163,34 @@ def time_forward_backward(
     return time.perf_counter() - start
 
 
+def time_pair(
+    reference: Configuration,
+    configuration: Configuration,
+    x: Tensor,
+    upstream: Tensor,
+    synchronize: Callable[[], None],
+    order: random.Random,
+    repeats: int,
+) -> tuple[float, float]:
+    """Seconds of ``configuration`` and of ``reference``, each the fastest of alternating passes.
+
+    Interference from other jobs only ever adds time, so the fastest of a few passes is the
+    least disturbed estimate. Passes stop after ``repeats`` or once the pair has used
+    ``PAIR_BUDGET_SECONDS``, so slow configurations (the loop at large K) get one. Which of
+    the two runs first is drawn at random, since the second finds the input warmer in cache.
+    """
+    pair = [reference, configuration]
+    order.shuffle(pair)
+    fastest = {id(c): math.inf for c in pair}
+    started = time.perf_counter()
+    for _ in range(repeats):
+        for c in pair:
+            fastest[id(c)] = min(fastest[id(c)], time_forward_backward(c, x, upstream, synchronize))
+        if time.perf_counter() - started > PAIR_BUDGET_SECONDS:
+            break
+    return fastest[id(configuration)], fastest[id(reference)]
+
+
 def run_round(
     reference: Configuration,
     configurations: list[Configuration],
@@ -161,24 +198,20 @@ def run_round(
     upstream: Tensor,
     synchronize: Callable[[], None],
     order: random.Random,
+    repeats: int,
 ) -> list[tuple[Configuration, float, float]]:
-    """Time every configuration once in a shuffled order, each beside its own BatchNorm pass.
+    """Time every configuration once in a shuffled order, each beside its own BatchNorm timing.
 
     Returns ``(configuration, its seconds, BatchNorm's seconds)`` per configuration. A round
     lasts tens of seconds, over which the load of a shared machine drifts, so a single
     BatchNorm timing per round would compare configurations against a different machine; a
-    BatchNorm pass taken right beside each one does not. Which of the two runs first is
-    drawn at random, since the second finds the input warmer in cache.
+    BatchNorm timing taken right beside each one does not.
     """
     shuffled = list(configurations)
     order.shuffle(shuffled)
-    measurements = []
-    for configuration in shuffled:
-        pair = [reference, configuration]
-        order.shuffle(pair)
-        seconds = {id(c): time_forward_backward(c, x, upstream, synchronize) for c in pair}
-        measurements.append((configuration, seconds[id(configuration)], seconds[id(reference)]))
-    return measurements
+    return [
+        (c, *time_pair(reference, c, x, upstream, synchronize, order, repeats)) for c in shuffled
+    ]
 
 
 def record_round(reference: Configuration, measurements: list[tuple[Configuration, float, float]]) -> None:
@@ -253,21 +286,32 @@ def _format_met(met: bool | None) -> str:
 
 def markdown_report(
     summaries: list[Summary], machine: dict[str, str], shape: Sequence[int], device: torch.device,
-    rounds_done: int, rounds: int, warmup: int,
+    rounds_done: int, rounds: int, warmup: int, repeats: int, load: Sequence[float],
 ) -> str:
     lines = [
         "# Normalization layers: forward + backward time relative to BatchNorm2d",
         "",
         f"- Machine: {machine['machine']} ({device.type}), {machine['threads']} torch threads",
         f"- torch {machine['torch']}, {machine['date']}",
-        f"- Input {tuple(shape)} float32, training mode; rounds: {rounds_done} of {rounds} measured "
-        f"after {warmup} warm-up",
-        "- Each round times every configuration once in a shuffled order, each beside its own "
-        "BatchNorm2d pass (which of the two first: random); the ratio is the configuration's time over "
-        "that BatchNorm2d time. Reported: median over rounds and IQR (25th-75th percentile) of the ratio; "
-        "BatchNorm2d's ms is the median of all its passes.",
-        "- Context ids are uniform at random over K; CN (loop) is a per-context Python loop "
-        "with autograd, the straightforward implementation.",
+        (
+            f"- Machine load (this run included): 1-minute load average {min(load):.1f}-{max(load):.1f} "
+            f"over the rounds, on {os.cpu_count()} logical CPUs"
+        ),
+        (
+            f"- Input {tuple(shape)} float32, training mode; rounds: {rounds_done} of {rounds} measured "
+            f"after {warmup} warm-up"
+        ),
+        (
+            "- Each round times every configuration once in a shuffled order, each beside its own "
+            f"BatchNorm2d timing: up to {repeats} alternating passes of the two (fewer once the pair has used "
+            f"{PAIR_BUDGET_SECONDS:g} s), the fastest of each kept. The ratio is the configuration's time over "
+            "that BatchNorm2d time. Reported: median over rounds and IQR (25th-75th percentile) of the ratio; "
+            "BatchNorm2d's ms is the median of all its timings."
+        ),
+        (
+            "- Context ids are uniform at random over K; CN (loop) is a per-context Python loop "
+            "with autograd, the straightforward implementation."
+        ),
         "",
         "| layer | K | median ms | ratio vs BN (median) | ratio IQR | target | met |",
         "|---|---:|---:|---:|---:|---:|---|",
@@ -324,12 +368,18 @@ def non_negative_int(text: str) -> int:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=positive_int, default=15, help="measured rounds (default 15)")
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="alternating passes per configuration and its BatchNorm in a round, the fastest "
+                        f"kept; fewer once the pair has used {PAIR_BUDGET_SECONDS:g} s (default 3)")
     parser.add_argument("--warmup", type=non_negative_int, default=3, help="discarded rounds first (default 3)")
     parser.add_argument("--shape", type=parse_shape, default=DEFAULT_SHAPE,
                         help="input N,C,H,W (default 256,128,16,16)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke test: shape {QUICK_SHAPE}, {QUICK_ROUNDS} rounds, {QUICK_WARMUP} warm-up")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch intra-op threads (default: torch's own choice); the result files then "
+                        "carry a _threads<N> suffix")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR,
                         help="folder for layers_<device>.md and .csv (default benchmarks/results)")
@@ -344,6 +394,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> list[Summary]:
     """Run the benchmark, write ``layers_<device>.md`` and ``.csv`` into ``--out``, print the table."""
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(args.seed)
@@ -353,17 +405,23 @@ def main(argv: Sequence[str] | None = None) -> list[Summary]:
     upstream = torch.randn(args.shape, device=device)
     order = random.Random(args.seed)
     machine = machine_description(device)
-    markdown_path = args.out / f"layers_{device.type}.md"
-    csv_path = args.out / f"layers_{device.type}.csv"
+    stem = f"layers_{device.type}" + ("" if args.threads is None else f"_threads{args.threads}")
+    markdown_path = args.out / f"{stem}.md"
+    csv_path = args.out / f"{stem}.csv"
 
     for _ in range(args.warmup):
-        run_round(reference, configurations, x, upstream, synchronize, order)
+        run_round(reference, configurations, x, upstream, synchronize, order, args.repeats)
     summaries: list[Summary] = []
+    load = []
     for done in range(1, args.rounds + 1):
         started = time.perf_counter()
-        record_round(reference, run_round(reference, configurations, x, upstream, synchronize, order))
+        load.append(os.getloadavg()[0])
+        measurements = run_round(reference, configurations, x, upstream, synchronize, order, args.repeats)
+        record_round(reference, measurements)
         summaries = [summarize(c) for c in (reference, *configurations)]
-        report = markdown_report(summaries, machine, args.shape, device, done, args.rounds, args.warmup)
+        report = markdown_report(
+            summaries, machine, args.shape, device, done, args.rounds, args.warmup, args.repeats, load
+        )
         atomic_write_text(markdown_path, report)
         atomic_write_text(csv_path, csv_report(summaries, machine, args.shape, device))
         print(f"round {done}/{args.rounds}: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)

@@ -76,3 +76,9 @@ def test_loop_reference_computes_context_norm(layers_script):
     torch.testing.assert_close(input_grads[1], input_grads[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(layers[1].running_mean, layers[0].running_mean)
     torch.testing.assert_close(layers[1].running_var, layers[0].running_var)
+
+
+def test_malformed_shape_is_rejected_naming_the_expected_form(layers_script, capsys):
+    with pytest.raises(SystemExit):
+        layers_script.main(["--shape", "256,128"])
+    assert "--shape must be four positive integers N,C,H,W" in capsys.readouterr().err
