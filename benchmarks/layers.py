@@ -74,7 +74,9 @@ class LoopContextNorm(nn.Module):
     meant to beat.
     """
 
-    def __init__(self, num_features: int, num_contexts: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+    def __init__(
+        self, num_features: int, num_contexts: int, eps: float = 1e-5, momentum: float = 0.1
+    ) -> None:
         super().__init__()
         self.eps = eps
         self.momentum = momentum
@@ -105,7 +107,7 @@ class LoopContextNorm(nn.Module):
 
 @dataclass
 class Configuration:
-    """One timed layer: its label, K (``None`` where it has none), the module and its extra inputs."""
+    """One timed layer: its label, K (``None`` where it has none), module and extra inputs."""
 
     layer: str
     num_contexts: int | None
@@ -116,7 +118,9 @@ class Configuration:
     ratios: list[float] = field(default_factory=list)
 
 
-def build_configurations(channels: int, batch: int, device: torch.device, seed: int) -> list[Configuration]:
+def build_configurations(
+    channels: int, batch: int, device: torch.device, seed: int
+) -> list[Configuration]:
     """Every configuration of the benchmark, BatchNorm first."""
     generator = torch.Generator().manual_seed(seed)
 
@@ -214,7 +218,9 @@ def run_round(
     ]
 
 
-def record_round(reference: Configuration, measurements: list[tuple[Configuration, float, float]]) -> None:
+def record_round(
+    reference: Configuration, measurements: list[tuple[Configuration, float, float]]
+) -> None:
     for configuration, seconds, reference_seconds in measurements:
         configuration.seconds.append(seconds)
         configuration.ratios.append(seconds / reference_seconds)
@@ -285,8 +291,15 @@ def _format_met(met: bool | None) -> str:
 
 
 def markdown_report(
-    summaries: list[Summary], machine: dict[str, str], shape: Sequence[int], device: torch.device,
-    rounds_done: int, rounds: int, warmup: int, repeats: int, load: Sequence[float],
+    summaries: list[Summary],
+    machine: dict[str, str],
+    shape: Sequence[int],
+    device: torch.device,
+    rounds_done: int,
+    rounds: int,
+    warmup: int,
+    repeats: int,
+    load: Sequence[float],
 ) -> str:
     lines = [
         "# Normalization layers: forward + backward time relative to BatchNorm2d",
@@ -294,19 +307,20 @@ def markdown_report(
         f"- Machine: {machine['machine']} ({device.type}), {machine['threads']} torch threads",
         f"- torch {machine['torch']}, {machine['date']}",
         (
-            f"- Machine load (this run included): 1-minute load average {min(load):.1f}-{max(load):.1f} "
-            f"over the rounds, on {os.cpu_count()} logical CPUs"
+            "- Machine load (this run included): 1-minute load average "
+            f"{min(load):.1f}-{max(load):.1f} over the rounds, on {os.cpu_count()} logical CPUs"
         ),
         (
-            f"- Input {tuple(shape)} float32, training mode; rounds: {rounds_done} of {rounds} measured "
-            f"after {warmup} warm-up"
+            f"- Input {tuple(shape)} float32, training mode; rounds: {rounds_done} of {rounds} "
+            f"measured after {warmup} warm-up"
         ),
         (
             "- Each round times every configuration once in a shuffled order, each beside its own "
-            f"BatchNorm2d timing: up to {repeats} alternating passes of the two (fewer once the pair has used "
-            f"{PAIR_BUDGET_SECONDS:g} s), the fastest of each kept. The ratio is the configuration's time over "
-            "that BatchNorm2d time. Reported: median over rounds and IQR (25th-75th percentile) of the ratio; "
-            "BatchNorm2d's ms is the median of all its timings."
+            f"BatchNorm2d timing: up to {repeats} alternating passes of the two (fewer once the "
+            f"pair has used {PAIR_BUDGET_SECONDS:g} s), the fastest of each kept. The ratio is the "
+            "configuration's time over that BatchNorm2d time. Reported: median over rounds and "
+            "IQR (25th-75th percentile) of the ratio; BatchNorm2d's ms is the median of all its "
+            "timings."
         ),
         (
             "- Context ids are uniform at random over K; CN (loop) is a per-context Python loop "
@@ -319,25 +333,55 @@ def markdown_report(
     for s in summaries:
         target = "-" if s.target is None else f"<= {s.target:g}x"
         lines.append(
-            f"| {s.layer} | {_format_k(s.num_contexts)} | {s.median_ms:.2f} | {s.ratio_median:.2f}x | "
+            f"| {s.layer} | {_format_k(s.num_contexts)} | {s.median_ms:.2f} | "
+            f"{s.ratio_median:.2f}x | "
             f"{s.ratio_q1:.2f}-{s.ratio_q3:.2f} | {target} | {_format_met(s.met)} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def csv_report(summaries: list[Summary], machine: dict[str, str], shape: Sequence[int], device: torch.device) -> str:
+def csv_report(
+    summaries: list[Summary], machine: dict[str, str], shape: Sequence[int], device: torch.device
+) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["layer", "K", "median_ms", "ratio_median", "ratio_q1", "ratio_q3", "target", "met",
-                     "device", "machine", "threads", "torch", "date", "shape"])
+    writer.writerow(
+        [
+            "layer",
+            "K",
+            "median_ms",
+            "ratio_median",
+            "ratio_q1",
+            "ratio_q3",
+            "target",
+            "met",
+            "device",
+            "machine",
+            "threads",
+            "torch",
+            "date",
+            "shape",
+        ]
+    )
     for s in summaries:
-        writer.writerow([
-            s.layer, "" if s.num_contexts is None else s.num_contexts, f"{s.median_ms:.4f}",
-            f"{s.ratio_median:.4f}", f"{s.ratio_q1:.4f}", f"{s.ratio_q3:.4f}",
-            "" if s.target is None else s.target, "" if s.met is None else _format_met(s.met),
-            device.type, machine["machine"], machine["threads"], machine["torch"], machine["date"],
-            "x".join(map(str, shape)),
-        ])
+        writer.writerow(
+            [
+                s.layer,
+                "" if s.num_contexts is None else s.num_contexts,
+                f"{s.median_ms:.4f}",
+                f"{s.ratio_median:.4f}",
+                f"{s.ratio_q1:.4f}",
+                f"{s.ratio_q3:.4f}",
+                "" if s.target is None else s.target,
+                "" if s.met is None else _format_met(s.met),
+                device.type,
+                machine["machine"],
+                machine["threads"],
+                machine["torch"],
+                machine["date"],
+                "x".join(map(str, shape)),
+            ]
+        )
     return buffer.getvalue()
 
 
@@ -345,9 +389,13 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
     try:
         shape = tuple(int(part) for part in text.replace("x", ",").split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--shape must be four integers N,C,H,W, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--shape must be four integers N,C,H,W, got {text!r}"
+        ) from None
     if len(shape) != 4 or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"--shape must be four positive integers N,C,H,W, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--shape must be four positive integers N,C,H,W, got {text!r}"
+        )
     return shape  # type: ignore[return-value]
 
 
@@ -367,22 +415,45 @@ def non_negative_int(text: str) -> int:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=positive_int, default=15, help="measured rounds (default 15)")
-    parser.add_argument("--repeats", type=positive_int, default=3,
-                        help="alternating passes per configuration and its BatchNorm in a round, the fastest "
-                        f"kept; fewer once the pair has used {PAIR_BUDGET_SECONDS:g} s (default 3)")
-    parser.add_argument("--warmup", type=non_negative_int, default=3, help="discarded rounds first (default 3)")
-    parser.add_argument("--shape", type=parse_shape, default=DEFAULT_SHAPE,
-                        help="input N,C,H,W (default 256,128,16,16)")
+    parser.add_argument(
+        "--rounds", type=positive_int, default=15, help="measured rounds (default 15)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=3,
+        help="alternating passes per configuration and its BatchNorm in a round, the fastest "
+        f"kept; fewer once the pair has used {PAIR_BUDGET_SECONDS:g} s (default 3)",
+    )
+    parser.add_argument(
+        "--warmup", type=non_negative_int, default=3, help="discarded rounds first (default 3)"
+    )
+    parser.add_argument(
+        "--shape",
+        type=parse_shape,
+        default=DEFAULT_SHAPE,
+        help="input N,C,H,W (default 256,128,16,16)",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"smoke test: shape {QUICK_SHAPE}, {QUICK_ROUNDS} rounds, {QUICK_WARMUP} warm-up")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch intra-op threads (default: torch's own choice); the result files then "
-                        "carry a _threads<N> suffix")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke test: shape {QUICK_SHAPE}, {QUICK_ROUNDS} rounds, {QUICK_WARMUP} warm-up",
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch intra-op threads (default: torch's own choice); the result files then "
+        "carry a _threads<N> suffix",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR,
-                        help="folder for layers_<device>.md and .csv (default benchmarks/results)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS_DIR,
+        help="folder for layers_<device>.md and .csv (default benchmarks/results)",
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available; use --device cpu")
@@ -392,7 +463,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> list[Summary]:
-    """Run the benchmark, write ``layers_<device>.md`` and ``.csv`` into ``--out``, print the table."""
+    """Run the benchmark, write ``layers_<device>.md`` and ``.csv`` into ``--out``, print the table.
+
+    Returns the summaries, BatchNorm2d first.
+    """
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -416,15 +490,29 @@ def main(argv: Sequence[str] | None = None) -> list[Summary]:
     for done in range(1, args.rounds + 1):
         started = time.perf_counter()
         load.append(os.getloadavg()[0])
-        measurements = run_round(reference, configurations, x, upstream, synchronize, order, args.repeats)
+        measurements = run_round(
+            reference, configurations, x, upstream, synchronize, order, args.repeats
+        )
         record_round(reference, measurements)
         summaries = [summarize(c) for c in (reference, *configurations)]
         report = markdown_report(
-            summaries, machine, args.shape, device, done, args.rounds, args.warmup, args.repeats, load
+            summaries,
+            machine,
+            args.shape,
+            device,
+            done,
+            args.rounds,
+            args.warmup,
+            args.repeats,
+            load,
         )
         atomic_write_text(markdown_path, report)
         atomic_write_text(csv_path, csv_report(summaries, machine, args.shape, device))
-        print(f"round {done}/{args.rounds}: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+        print(
+            f"round {done}/{args.rounds}: {time.perf_counter() - started:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
     print(report)
     return summaries
 

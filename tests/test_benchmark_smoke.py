@@ -46,7 +46,11 @@ def test_quick_run_writes_a_row_per_configuration(layers_script, tmp_path):
     assert all(float(row["median_ms"]) > 0 for row in rows)
     assert all(row["met"] in ("yes", "no") for row in rows if row["layer"] in ("CN", "CN-X"))
 
-    table_rows = [line for line in (tmp_path / "layers_cpu.md").read_text().splitlines() if line.startswith("| ")]
+    table_rows = [
+        line
+        for line in (tmp_path / "layers_cpu.md").read_text().splitlines()
+        if line.startswith("| ")
+    ]
     assert len(table_rows) == len(expected) + 1  # the header row
 
 
@@ -56,7 +60,10 @@ def test_loop_reference_computes_context_norm(layers_script):
     x = torch.randn(12, channels, 3, 3) * 2 + 1
     context = torch.tensor([0, 0, 1, 1, 1, 3, 3, 0, 1, 3, 3, 0])
     upstream = torch.randn_like(x)
-    layers = [contextnorm.ContextNorm(channels, num_contexts), layers_script.LoopContextNorm(channels, num_contexts)]
+    layers = [
+        contextnorm.ContextNorm(channels, num_contexts),
+        layers_script.LoopContextNorm(channels, num_contexts),
+    ]
     with torch.no_grad():
         for layer in layers:
             layer.weight.uniform_(0.5, 1.5)
