@@ -52,6 +52,7 @@ DEFAULT_SHAPE = (256, 128, 16, 16)
 QUICK_SHAPE = (16, 8, 4, 4)
 QUICK_ROUNDS = 2
 QUICK_WARMUP = 1
+QUICK_REPEATS = 1
 CONTEXT_COUNTS = (1, 3, 20, 100, 1000)
 MIXTURE_COUNTS = (3, 8)
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -438,7 +439,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"smoke test: shape {QUICK_SHAPE}, {QUICK_ROUNDS} rounds, {QUICK_WARMUP} warm-up",
+        help=f"smoke test: shape {QUICK_SHAPE}, {QUICK_ROUNDS} rounds, {QUICK_WARMUP} warm-up, "
+        f"{QUICK_REPEATS} pass per timing",
     )
     parser.add_argument(
         "--threads",
@@ -459,6 +461,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--device cuda: no CUDA device is available; use --device cpu")
     if args.quick:
         args.shape, args.rounds, args.warmup = QUICK_SHAPE, QUICK_ROUNDS, QUICK_WARMUP
+        args.repeats = QUICK_REPEATS
     return args
 
 
