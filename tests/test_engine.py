@@ -95,7 +95,10 @@ def test_a_bad_context_column_fails_before_training(tmp_path, monkeypatch, colum
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["methods=[bn, cnn]"], r"methods\[1\]: unknown method 'cnn'; registered methods: bn"),
+        (
+            ["methods=[bn, cnn]"],
+            r"methods\[1\] \(cnn\): unknown method 'cnn'; registered methods: bn",
+        ),
         (
             ["methods=[{name: cn, options: {num_contexts: 3}}]"],
             "num_contexts=3 disagrees with contexts.num_contexts=2",
@@ -240,6 +243,19 @@ def test_a_resumed_run_continues_its_checkpoint_exactly_and_finished_runs_are_re
     )
     assert result_file.stat().st_mtime_ns == before
     assert any("reused" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_figures_turned_on_later_come_from_the_saved_checkpoint(tmp_path) -> None:
+    config = tiny_config(tmp_path, "methods=[cn]")
+    run_experiment(config)
+    run_dir = config.results_dir / "runs" / "cn" / "seed-0"
+    finished_at = (run_dir / "result.json").stat().st_mtime_ns
+
+    run_experiment(tiny_config(tmp_path, "methods=[cn]", "plots.enabled=true", "plots.samples=32"))
+    assert (run_dir / "result.json").stat().st_mtime_ns == finished_at
+    assert (run_dir / "activations.npz").is_file()
+    assert (config.results_dir / "activations.png").stat().st_size > 0
 
 
 @pytest.mark.slow

@@ -220,7 +220,8 @@ def plot_metric_bars(
     ]
     if finite:
         # Methods often differ by a few points; a zero baseline would hide the differences.
-        axis.set_ylim(bottom=max(0.0, min(finite) - 0.1))
+        low, high = min(finite), max(finite)
+        axis.set_ylim(bottom=max(0.0, low - 0.1), top=1.0 if high <= 1.0 else None)
     if len(views) > 1:
         axis.legend(fontsize="small")
     return _save(figure, path)

@@ -17,8 +17,8 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from contextnorm.config import ConfigError, DataConfig, ExperimentConfig
-from contextnorm.contexts import ContextPredictor, build_contexts, label_derived
+from contextnorm.config import ConfigError, DataConfig, ExperimentConfig, MethodConfig
+from contextnorm.contexts import ContextBuilder, ContextPredictor, build_contexts, label_derived
 from contextnorm.data import ImageData, load_dataset
 from contextnorm.models import build_model
 from contextnorm.training.data import ContextDataModule, ContextSplit
@@ -96,7 +96,7 @@ class PreparedExperiment:
     def build_model(self, index: int) -> BuiltModel:
         """The model of ``config.methods[index]``, initialised from the current random state."""
         method = self.config.methods[index]
-        where = f"methods[{index}] ({method.display_name})"
+        where = _method_location(index, method)
         recorder = LayerRecorder(
             get_method(method.name, where=where).norm_factory(
                 self.num_contexts, method.options, where=where
@@ -182,6 +182,9 @@ def prepare_experiment(config: ExperimentConfig) -> PreparedExperiment:
         ConfigError: a config value that does not fit the data (contexts, model, methods).
         FileNotFoundError: the data set is missing (the loader's message says where to get it).
     """
+    # Names first: a misspelt method should not wait for the data to load.
+    for index, method in enumerate(config.methods):
+        get_method(method.name, where=_method_location(index, method))
     data_config = config.data
     train_full = _load(config, "train")
     test = _load(config, "test")
@@ -208,23 +211,13 @@ def prepare_experiment(config: ExperimentConfig) -> PreparedExperiment:
     except (TypeError, ValueError) as error:
         raise ConfigError(f"contexts ({kind}): {error}") from error
     num_contexts = builder.num_contexts
-    train_split = ContextSplit(
-        train, check_contexts(builder.assign(train), "train", len(train), num_contexts)
-    )
-    val_split = ContextSplit(
-        val, check_contexts(builder.assign(val), "validation", len(val), num_contexts)
-    )
-    test_contexts = check_contexts(builder.assign(test), "test", len(test), num_contexts)
+    train_split = ContextSplit(train, _assign(builder, train, "train", kind))
+    val_split = ContextSplit(val, _assign(builder, val, "validation", kind))
+    test_contexts = _assign(builder, test, "test", kind)
 
-    methods_use_context = any(
-        get_method(m.name, where=f"methods[{i}]").uses_context for i, m in enumerate(config.methods)
-    )
     prediction_accuracy = None
     if not label_derived(kind):
         test_views = {"input": ContextSplit(test, test_contexts)}
-    elif not methods_use_context:
-        # No method reads the context, so every view would give the same numbers.
-        test_views = {"oracle": ContextSplit(test, test_contexts)}
     else:
         predictor = ContextPredictor(seed=config.contexts.seed).fit(train, train_split.contexts)
         predicted = check_contexts(
@@ -311,6 +304,19 @@ def check_contexts(contexts: Any, split: str, num_samples: int, num_contexts: in
             "the data define, or fix the context column"
         )
     return contexts
+
+
+def _method_location(index: int, method: MethodConfig) -> str:
+    return f"methods[{index}] ({method.display_name})"
+
+
+def _assign(builder: ContextBuilder, data: ImageData, split: str, kind: str) -> torch.Tensor:
+    """The checked context column of one split."""
+    try:
+        contexts = builder.assign(data)
+    except ValueError as error:
+        raise ConfigError(f"contexts ({kind}) of the {split} split: {error}") from error
+    return check_contexts(contexts, split, len(data), builder.num_contexts)
 
 
 def _load(config: ExperimentConfig, split: str) -> ImageData:

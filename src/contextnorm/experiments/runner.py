@@ -163,18 +163,8 @@ def run_single(
     result_path = run_dir / RESULT_FILE
     previous = _read_json(result_path)
     if previous is not None and previous.get("fingerprint") == result_key:
-        if (
-            wants_activations
-            and not (run_dir / ACTIVATIONS_FILE).exists()
-            and last_checkpoint(run_dir).exists()
-        ):
-            module, built = prepared.build_module(index)
-            module.load_state_dict(
-                torch.load(last_checkpoint(run_dir), map_location="cpu", weights_only=False)[
-                    "state_dict"
-                ]
-            )
-            _save_activations(prepared, module, built.tested_layers, seed, run_dir)
+        if wants_activations and not (run_dir / ACTIVATIONS_FILE).exists():
+            _activations_from_checkpoint(prepared, index, seed, run_dir)
         return previous, True
 
     resume_from = _resume_point(run_dir, checkpoint_key)
@@ -220,9 +210,7 @@ def run_single(
         "parameters": sum(parameter.numel() for parameter in module.model.parameters()),
         "epochs": len(history.records),
         "resumed_after_epochs": history.resumed_after_epochs,
-        "time_per_epoch_s": statistics.fmean(record["time_s"] for record in history.records)
-        if history.records
-        else 0.0,
+        "time_per_epoch_s": statistics.fmean(epoch["time_s"] for epoch in history.records),
         "history": history.records,
         "test": {view: tested.get(view, tested[tested_views[0]]) for view in views},
     }
@@ -230,6 +218,20 @@ def run_single(
     if wants_activations:
         _save_activations(prepared, module, built.tested_layers, seed, run_dir)
     return record, False
+
+
+def _activations_from_checkpoint(
+    prepared: PreparedExperiment, index: int, seed: int, run_dir: Path
+) -> None:
+    """Record a finished run's activations from its final checkpoint (figures enabled later)."""
+    checkpoint_path = last_checkpoint(run_dir)
+    if not checkpoint_path.exists():
+        return
+    module, built = prepared.build_module(index)
+    # The run's own checkpoint: besides tensors it holds Lightning's loop and callback state.
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    module.load_state_dict(checkpoint["state_dict"])
+    _save_activations(prepared, module, built.tested_layers, seed, run_dir)
 
 
 def run_fingerprints(config: ExperimentConfig, index: int, seed: int) -> tuple[str, str]:

@@ -122,14 +122,18 @@ class ClassificationModule(ContextModule):
                 view: classification_metrics(self.num_classes).clone(prefix=f"test/{view}/")
                 for view in views
             }
-        ).to(self.device)
+        )
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         images, labels, contexts = batch
         logits = self(images, contexts)
         loss = F.cross_entropy(logits, labels)
         self.train_accuracy(logits, labels)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(labels))
+        # Losses are plain tensors: sync_dist averages them over processes under multi-GPU
+        # training (a no-op on one device); the torchmetrics objects synchronise themselves.
+        self.log(
+            "train/loss", loss, on_step=False, on_epoch=True, batch_size=len(labels), sync_dist=True
+        )
         self.log(
             "train/accuracy",
             self.train_accuracy,
@@ -142,7 +146,9 @@ class ClassificationModule(ContextModule):
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         images, labels, contexts = batch
         logits = self(images, contexts)
-        self.log("val/loss", F.cross_entropy(logits, labels), batch_size=len(labels))
+        self.log(
+            "val/loss", F.cross_entropy(logits, labels), batch_size=len(labels), sync_dist=True
+        )
         self.val_metrics(logits, labels)
         self.log_dict(self.val_metrics, batch_size=len(labels))
 
@@ -157,5 +163,6 @@ class ClassificationModule(ContextModule):
             F.cross_entropy(logits, labels),
             batch_size=len(labels),
             add_dataloader_idx=False,
+            sync_dist=True,
         )
         self.log_dict(metrics, batch_size=len(labels), add_dataloader_idx=False)
