@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,7 +176,7 @@ def headline_table(results: ExperimentResults) -> str:
     return _table(header, rows)
 
 
-def render_markdown(results: ExperimentResults, figures: list[Path] = ()) -> str:
+def render_markdown(results: ExperimentResults, figures: Sequence[Path] = ()) -> str:
     """The text of ``results.md``."""
     config, info = results.config, results.info
     samples = info["samples"]
