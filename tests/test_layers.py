@@ -424,6 +424,17 @@ def test_fit_diag_gmm_recovers_separated_clusters() -> None:
     torch.testing.assert_close(var[order], torch.ones(3, 2), atol=0.3, rtol=0)
 
 
+def test_kmeans_plus_plus_survives_large_activations() -> None:
+    points = torch.cat([torch.randn(100, 4) * 1e18, torch.randn(100, 4) * 1e18 + 1e20])
+    centres = F.kmeans_plus_plus(points, 3, torch.Generator().manual_seed(0))
+    assert torch.isfinite(centres).all() and centres.shape == (3, 4)
+
+
+def test_mixnorm_names_divergence() -> None:
+    with pytest.raises(FloatingPointError, match="diverged"):
+        cn.MixtureNorm(C, K)(torch.full((4, C, 2, 2), float("nan")))
+
+
 def test_mixnorm_normalises_each_component() -> None:
     torch.manual_seed(0)
     layer = cn.MixtureNorm(2, 2, affine=False, max_positions=4096)

@@ -337,20 +337,20 @@ def kmeans_plus_plus(points: Tensor, num_components: int, generator: torch.Gener
     """k-means++ seeding (Arthur & Vassilvitskii): ``num_components`` rows of ``points`` (P, C).
 
     The seeding is sequential by definition; each step costs one (P, C) distance update.
+    Distances are summed in float64: squared distances of large activations overflow float32
+    and would turn the sampling probabilities into NaN.
     """
+    wide = points.double()
     first = torch.randint(points.shape[0], (1,), device=points.device, generator=generator)
-    centres = [points[first]]
-    closest = ((points - centres[0]) ** 2).sum(1)
+    chosen = [first]
+    closest = ((wide - wide[first]) ** 2).sum(1)
     for _ in range(1, num_components):
         total = closest.sum()
-        if total <= 0:
-            probabilities = torch.ones_like(closest)
-        else:
-            probabilities = closest / total
+        probabilities = closest / total if total > 0 else torch.ones_like(closest)
         index = torch.multinomial(probabilities, 1, generator=generator)
-        centres.append(points[index])
-        closest = torch.minimum(closest, ((points - centres[-1]) ** 2).sum(1))
-    return torch.cat(centres, 0)
+        chosen.append(index)
+        closest = torch.minimum(closest, ((wide - wide[index]) ** 2).sum(1))
+    return points[torch.cat(chosen)]
 
 
 def fit_diag_gmm(

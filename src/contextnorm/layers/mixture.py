@@ -216,6 +216,11 @@ class MixtureNorm(RunningStatsMixin, _PositionMixtureBase):
             sample = values
             if values.shape[0] > self.max_positions:
                 sample = values[torch.randperm(values.shape[0], device=values.device)[: self.max_positions]]
+            if not bool(torch.isfinite(sample).all()):
+                raise FloatingPointError(
+                    "MixtureNorm received non-finite activations, so no mixture can be fitted: the "
+                    "network has diverged upstream (lower the learning rate, or check the input)"
+                )
             log_prior, mean, var = F.fit_diag_gmm(sample + points.reference, self.num_components, self.em_steps, self.eps)
             if self.num_batches_tracked > 0:
                 order = F.match_components(mean, self.running_mean, self.running_var + self.eps)
