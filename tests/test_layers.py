@@ -433,6 +433,8 @@ def test_kmeans_plus_plus_survives_large_activations() -> None:
 def test_mixnorm_names_divergence() -> None:
     with pytest.raises(FloatingPointError, match="diverged"):
         cn.MixtureNorm(C, K)(torch.full((4, C, 2, 2), float("nan")))
+    with pytest.raises(FloatingPointError, match="diverged"):
+        F.match_components(torch.full((K, C), float("inf")), torch.zeros(K, C), torch.ones(K, C))
 
 
 def test_mixnorm_normalises_each_component() -> None:

@@ -388,8 +388,13 @@ def match_components(mean: Tensor, reference_mean: Tensor, reference_var: Tensor
     between means scaled by the reference variances.
     """
     cost = (((mean.unsqueeze(0) - reference_mean.unsqueeze(1)) ** 2) / reference_var.unsqueeze(1)).sum(2)
+    if not bool(torch.isfinite(cost).all()):
+        raise FloatingPointError(
+            "component means or variances are not finite, so fitted components cannot be matched "
+            "to the running ones: the activations have overflowed (the network has diverged)"
+        )
     num_components = cost.shape[0]
-    order = torch.empty(num_components, dtype=torch.long, device=mean.device)
+    order = torch.full((num_components,), -1, dtype=torch.long, device=mean.device)
     for _ in range(num_components):
         flat = int(torch.argmin(cost))
         slot, fitted = divmod(flat, num_components)
