@@ -80,6 +80,15 @@ def test_activation_histogram_and_projections(tmp_path) -> None:
         plot_feature_projection(samples, ["a", "b"], tmp_path / "x.png", method="umap")
 
 
+def test_diverged_run_gets_a_labelled_panel_not_a_crash(tmp_path) -> None:
+    diverged = synthetic_sample(2)
+    diverged.channel_values[:] = np.nan
+    diverged.features[:] = np.nan
+    samples = {"bn": synthetic_sample(0), "cnx": diverged}
+    assert_png(plot_activation_histograms(samples, 2, tmp_path / "activations.png"))
+    assert_png(plot_feature_projection(samples, ["a", "b"], tmp_path / "pca.png"))
+
+
 def test_metric_bars_with_one_seed_and_several_views(tmp_path) -> None:
     summaries = {
         "bn": {"oracle": summarize([0.8, 0.82]), "predicted": summarize([0.8, 0.82])},

@@ -103,6 +103,16 @@ def plot_activation_histograms(
     figure, axes = _figure(len(samples))
     for (method, sample), axis in zip(samples.items(), axes, strict=True):
         values = sample.channel_values.astype(np.float64)
+        axis.set_title(
+            f"{method}: input of {sample.layer}, channel {sample.channel}", fontsize="medium"
+        )
+        finite = np.isfinite(values)
+        if not finite.any():
+            # A diverged run still gets its panel, saying why it is empty.
+            axis.text(0.5, 0.5, "no finite activations\n(the run diverged)", ha="center",
+                      va="center", transform=axis.transAxes)
+            continue
+        values = values[finite]
         axis.hist(values, bins=HISTOGRAM_BINS, density=True, color="0.75", label="activations")
         grid = np.linspace(values.min(), values.max(), 400)
         if np.ptp(values) > 0 and len(values) > num_components:
@@ -124,9 +134,6 @@ def plot_activation_histograms(
             axis.plot(
                 grid, np.sum(densities, axis=0), color="green", linewidth=1.8, label="mixture"
             )
-        axis.set_title(
-            f"{method}: input of {sample.layer}, channel {sample.channel}", fontsize="medium"
-        )
         axis.set_xlabel("activation")
         axis.set_ylabel("density")
     axes[0].legend(fontsize="x-small")
@@ -151,6 +158,15 @@ def plot_feature_projection(
     for (name, sample), axis in zip(samples.items(), axes, strict=True):
         features = sample.features[:MAX_PROJECTED_POINTS].astype(np.float64)
         contexts = sample.contexts[:MAX_PROJECTED_POINTS]
+        axis.set_title(f"{name}: output of {sample.layer} ({method.upper()})", fontsize="medium")
+        axis.set_xticks([])
+        axis.set_yticks([])
+        finite = np.isfinite(features).all(1)
+        if not finite.any():
+            axis.text(0.5, 0.5, "no finite features\n(the run diverged)", ha="center",
+                      va="center", transform=axis.transAxes)
+            continue
+        features, contexts = features[finite], contexts[finite]
         points = _project(features, method, seed)
         for context in np.unique(contexts):
             chosen = contexts == context
@@ -160,9 +176,6 @@ def plot_feature_projection(
                 else f"context {context}"
             )
             axis.scatter(points[chosen, 0], points[chosen, 1], s=6, alpha=0.7, label=label)
-        axis.set_title(f"{name}: output of {sample.layer} ({method.upper()})", fontsize="medium")
-        axis.set_xticks([])
-        axis.set_yticks([])
     axes[0].legend(fontsize="x-small", markerscale=2)
     return _save(figure, path)
 
