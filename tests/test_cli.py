@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from contextnorm.cli import main
-from contextnorm.training import METHODS
+from contextnorm.methods import METHODS
 
 TINY_EXPERIMENT = """\
 name: cli-tiny
@@ -71,7 +71,7 @@ def test_run_then_report_from_saved_results(tmp_path, capsys) -> None:
     assert main(["run", str(config_file), f"output_dir={results_dir}"]) == 0
     output = capsys.readouterr().out
     assert "[1/1] bn" in output
-    assert "| method | seeds | accuracy, context from input | s/epoch |" in output
+    assert "| method | seeds | accuracy, stored domain | Δ vs bn | s/epoch |" in output
 
     for name in ("results.md", "curves.png"):
         (results_dir / name).unlink()

@@ -11,7 +11,7 @@ from sklearn.neural_network import MLPClassifier
 
 from contextnorm.contexts import (
     CIFAR10_VEHICLES_ANIMALS,
-    CONTEXT_KINDS,
+    CONTEXTS,
     ContextBuilder,
     ContextPredictor,
     DomainContexts,
@@ -164,7 +164,7 @@ def test_domain_contexts(digits_train, digits_test) -> None:
 
 
 def test_factory_checks_kind_and_count(digits_train) -> None:
-    assert CONTEXT_KINDS == ("kmeans", "gmm", "superclass", "domain")
+    assert list(CONTEXTS) == ["kmeans", "gmm", "superclass", "domain", "random"]
     assert isinstance(build_contexts("gmm", 3, digits_train, seed=1, features="pca"), GMMContexts)
     with pytest.raises(ValueError, match="num_contexts is required"):
         build_contexts("kmeans", None, digits_train)
@@ -175,7 +175,7 @@ def test_factory_checks_kind_and_count(digits_train) -> None:
 
 
 def test_label_derived() -> None:
-    assert [label_derived(kind) for kind in CONTEXT_KINDS] == [False, False, True, False]
+    assert [label_derived(kind) for kind in CONTEXTS] == [False, False, True, False, False]
     with pytest.raises(ValueError, match="unknown context kind"):
         label_derived("oracle")
 

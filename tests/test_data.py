@@ -162,7 +162,7 @@ def test_unknown_name_split_and_image_size_list_the_valid_ones() -> None:
         load_dataset("digits", None, "val")
     with pytest.raises(ValueError, match="image_size"):
         load_dataset("digits", None, image_size=0)
-    assert DATASETS == (
+    assert tuple(DATASETS) == (
         "digits",
         "mnist",
         "cifar10",

@@ -14,14 +14,11 @@ from torch import nn
 
 import contextnorm as cn
 from contextnorm.config import ConfigError, ExperimentConfig, apply_overrides, parse_config
-from contextnorm.experiments import (
-    check_contexts,
-    load_results,
-    prepare_experiment,
-    run_experiment,
-)
+from contextnorm.methods import METHODS, BatchNorm
 from contextnorm.metrics import summarize
-from contextnorm.training import METHODS, BatchNorm, BatchPreprocess, channel_statistics
+from contextnorm.runner import load_results, prepare_experiment, run_experiment
+from contextnorm.tasks.data import check_contexts
+from contextnorm.tasks.preprocess import BatchPreprocess, channel_statistics
 
 # Digits below 5 form superclass 0, the others superclass 1: a label-derived context.
 LOW_HIGH_DIGITS = "{0: 0, 1: 0, 2: 0, 3: 0, 4: 0, 5: 1, 6: 1, 7: 1, 8: 1, 9: 1}"
@@ -60,6 +57,9 @@ def read_result(config: ExperimentConfig, method: str, seed: int) -> dict:
 class _FixedContexts:
     """A context builder that assigns the same given column to every split."""
 
+    title = "fixed context"
+    description = "a fixed column"
+
     def __init__(self, column: torch.Tensor, num_contexts: int) -> None:
         self.column = column
         self.num_contexts = num_contexts
@@ -86,7 +86,7 @@ def test_a_bad_context_column_fails_before_training(tmp_path, monkeypatch, colum
         ids = column if column is not None else torch.full((len(train),), 2, dtype=torch.int64)
         return _FixedContexts(ids, 2)
 
-    monkeypatch.setattr("contextnorm.experiments.prepare.build_contexts", fake_build_contexts)
+    monkeypatch.setattr("contextnorm.tasks.data.build_contexts", fake_build_contexts)
     with pytest.raises(ConfigError, match=message):
         run_experiment(config)
     assert not config.results_dir.exists()
@@ -262,7 +262,10 @@ def test_figures_turned_on_later_come_from_the_saved_checkpoint(tmp_path) -> Non
 def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path) -> None:
     run_experiment(tiny_config(tmp_path, "methods=[bn]"))
     (tmp_path / "results" / "runs" / "bn" / "seed-0" / "result.json").unlink()
-    with pytest.raises(ConfigError, match="holds a checkpoint trained with other settings"):
+    with pytest.raises(
+        ConfigError,
+        match=r"holds a checkpoint trained with other settings.*train\.lr: 0\.001 -> 0\.01",
+    ):
         run_experiment(tiny_config(tmp_path, "methods=[bn]", "train.lr=0.01"))
 
 
@@ -277,15 +280,15 @@ def test_label_derived_contexts_report_oracle_predicted_and_unknown_views(tmp_pa
     results_dir = run_experiment(config)
 
     info = json.loads((results_dir / "experiment.json").read_text(encoding="utf-8"))
-    assert list(info["views"]) == ["oracle", "predicted", "unknown"]
+    assert list(info["report"]["views"]) == ["oracle", "predicted", "unknown"]
     assert 0.5 <= info["context_prediction_accuracy"] <= 1.0
     header = next(csv.reader((results_dir / "results.csv").open()))
     for view in ("oracle", "predicted", "unknown"):
         assert f"{view}_accuracy_mean" in header
     markdown = (results_dir / "results.md").read_text(encoding="utf-8")
     assert (
-        "accuracy, oracle context | accuracy, predicted context | accuracy, unknown context"
-        in markdown
+        "accuracy, oracle context | Δ vs bn | accuracy, predicted context | Δ vs bn | "
+        "accuracy, unknown context | Δ vs bn" in markdown
     )
 
     context_free = read_result(config, "bn", 0)["test"]
@@ -297,10 +300,11 @@ def test_label_derived_contexts_report_oracle_predicted_and_unknown_views(tmp_pa
 
 
 def test_input_derived_contexts_have_a_single_view(tmp_path) -> None:
-    prepared = prepare_experiment(tiny_config(tmp_path))
-    assert list(prepared.test_views) == ["input"]
-    test_split = prepared.test_views["input"]
+    task = prepare_experiment(tiny_config(tmp_path))
+    assert list(task.test_splits) == ["input"]
+    test_split = task.test_splits["input"]
     assert torch.equal(test_split.contexts, test_split.data.domains)
+    assert task.describe().views["input"].title == "stored domain"
 
 
 def test_validation_is_a_stratified_hold_out_of_the_training_split(tmp_path) -> None:

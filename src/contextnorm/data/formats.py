@@ -7,6 +7,7 @@ import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import scipy.io
@@ -30,13 +31,18 @@ class DatasetFormat:
         title: human-readable name for messages.
         required: split -> paths (relative to the data set's directory) that must exist.
         remote_files: the official files that supply those paths.
-        read: (directory, split, image_size) -> ImageData, called once the paths exist.
+        read: ``read(directory, split, image_size, **options) -> ImageData``, called once the
+            paths exist; its keyword arguments after ``image_size`` are the data set's options
+            (``data.options`` in a config).
+        root: ``"default"``: the directory defaults to ``default_data_root() / name``;
+            ``"required"``: it must be given; ``"ignored"``: the data need no files.
     """
 
     title: str
     required: Callable[[str], tuple[str, ...]]
     remote_files: tuple[RemoteFile, ...]
-    read: Callable[[Path, str, int | None], ImageData]
+    read: Callable[..., ImageData]
+    root: Literal["default", "required", "ignored"] = "default"
 
 
 # --- MNIST: IDX files -----------------------------------------------------------------------
@@ -400,5 +406,9 @@ def read_image_folder(directory: Path, split: str, image_size: int | None) -> Im
 
 
 IMAGE_FOLDER = DatasetFormat(
-    title="Image folder", required=lambda split: (), remote_files=(), read=read_image_folder
+    title="Image folder",
+    required=lambda split: (),
+    remote_files=(),
+    read=read_image_folder,
+    root="required",
 )

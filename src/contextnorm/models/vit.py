@@ -141,9 +141,7 @@ class VisionTransformer(NormSiteModel):
         require_probability("dropout", dropout)
         require_probability("head_dropout", head_dropout)
         if patch_size > image_size:
-            raise ValueError(
-                f"patch_size ({patch_size}) must not exceed image_size ({image_size})"
-            )
+            raise ValueError(f"patch_size ({patch_size}) must not exceed image_size ({image_size})")
         self.patches_per_side = image_size // patch_size
         num_patches = self.patches_per_side**2
         sites = NormSites(
