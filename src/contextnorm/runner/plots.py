@@ -18,6 +18,8 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from contextnorm.io import atomic_write
 from contextnorm.metrics import Difference, EpochRecord, MetricSpec, Summary, summarize
@@ -57,6 +59,8 @@ def plot_curves(
     histories: Mapping[str, Sequence[Sequence[EpochRecord]]],
     panels: Sequence[MetricSpec],
     path: str | Path,
+    *,
+    diverged: Mapping[str, int] | None = None,
 ) -> Path:
     """Per-epoch curves, one line per method: the mean over seeds and a ±1 std band.
 
@@ -65,10 +69,15 @@ def plot_curves(
         panels: one panel per metric, keyed as in the epoch records; bands are clipped to each
             metric's range.
         path: the PNG file to write.
+        diverged: method -> how many of its runs diverged (said in the legend).
 
-    An epoch that only some seeds reached (early stopping, divergence) is averaged over those.
+    An epoch that only some seeds reached (early stopping, divergence) is averaged over those;
+    values that are not finite are left out.
     """
+    diverged = diverged or {}
     figure, axes = _figure(len(panels), columns=2)
+    # One colour per method in every panel, even where a method has no finite value.
+    colours = {method: f"C{index % 10}" for index, method in enumerate(histories)}
     counts = []
     for spec, axis in zip(panels, axes, strict=True):
         for method, runs in histories.items():
@@ -80,13 +89,20 @@ def plot_curves(
             spread = np.nan_to_num(np.array([summary.std for summary in summaries]))
             low = np.array([spec.clip(value) for value in mean - spread])
             high = np.array([spec.clip(value) for value in mean + spread])
-            (line,) = axis.plot(epochs, mean, marker="o", markersize=3, label=method)
-            axis.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2)
+            axis.plot(epochs, mean, marker="o", markersize=3, color=colours[method])
+            axis.fill_between(epochs, low, high, color=colours[method], alpha=0.2)
         axis.set_title(spec.title)
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
-    if axes:
-        axes[0].legend(fontsize="small")
+    handles = [
+        Line2D([], [], color=colours[method], marker="o", markersize=3) for method in histories
+    ]
+    labels = [
+        f"{method} ({diverged[method]} of {len(runs)} diverged)" if diverged.get(method) else method
+        for method, runs in histories.items()
+    ]
+    figure.legend(handles, labels, loc="outside lower center", ncols=min(6, len(labels)))
     figure.suptitle(f"mean over seeds, band: ± sample std ({_seed_counts(counts)} per method)")
     return _save(figure, path)
 
@@ -95,7 +111,7 @@ def _per_epoch(runs: Sequence[Sequence[EpochRecord]], key: str) -> tuple[list[in
     values: dict[int, list[float]] = {}
     for history in runs:
         for record in history:
-            if key in record:
+            if key in record and math.isfinite(record[key]):
                 values.setdefault(int(record["epoch"]) + 1, []).append(float(record[key]))
     epochs = sorted(values)
     return epochs, [summarize(values[epoch]) for epoch in epochs]

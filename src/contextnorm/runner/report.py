@@ -232,6 +232,7 @@ def draw_figures(results: ExperimentResults) -> list[Path]:
             {method.label: [record.history for record in method.records] for method in present},
             spec.curves,
             folder / "curves.png",
+            diverged={method.label: len(method.diverged()) for method in present},
         )
     ]
     if finished:
