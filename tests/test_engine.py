@@ -8,8 +8,10 @@ import math
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 import contextnorm as cn
@@ -137,6 +139,18 @@ def test_config_mistakes_fail_before_training(tmp_path, overrides, message) -> N
 def test_a_missing_data_set_reports_the_loader_message(tmp_path) -> None:
     config = tiny_config(tmp_path, "data.name=mnist", f"data.root={tmp_path / 'empty'}")
     with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+        run_experiment(config)
+    assert not config.results_dir.exists()
+
+
+def test_train_and_test_splits_with_different_classes_are_refused(tmp_path) -> None:
+    pixels = np.zeros((4, 4), dtype=np.uint8)
+    for split, classes in (("train", ("cat", "dog", "owl")), ("test", ("cat", "dog"))):
+        for name in classes:
+            (tmp_path / "images" / split / name).mkdir(parents=True)
+            Image.fromarray(pixels).save(tmp_path / "images" / split / name / "1.png")
+    config = tiny_config(tmp_path, "data.name=image-folder", f"data.root={tmp_path / 'images'}")
+    with pytest.raises(ConfigError, match=r"class\(es\) \['owl'\] have train images but no test"):
         run_experiment(config)
     assert not config.results_dir.exists()
 

@@ -214,7 +214,7 @@ def paired_difference(
         return Difference(mean, math.nan, math.nan, 1)
     from scipy.stats import t  # scipy.stats takes a second to import; only tables need it
 
-    half_width = (
+    half_width = float(
         t.ppf(0.5 + confidence / 2, len(differences) - 1)
         * statistics.stdev(differences)
         / math.sqrt(len(differences))

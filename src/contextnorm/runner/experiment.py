@@ -22,7 +22,7 @@ from contextnorm.metrics import MetricSpec
 from contextnorm.runner.folder import merge_with_folder, write_experiment
 from contextnorm.runner.progress import Progress
 from contextnorm.runner.report import write_report
-from contextnorm.runner.run import Interrupted, RunOutcome, run_single
+from contextnorm.runner.run import Interrupted, RunOutcome, is_main_process, run_single
 from contextnorm.tasks import Task, build_task
 from contextnorm.tasks.network import method_location
 
@@ -99,7 +99,8 @@ def run_experiment(config: ExperimentConfig, *, echo: Echo = print) -> Path:
             merged, notes = merge_with_folder(config)
             spec = task.describe()
             info = {"name": config.name, "task": config.task.name, "report": spec.to_json()}
-            write_experiment(results_dir, merged, {**info, **task.info()})
+            if is_main_process():
+                write_experiment(results_dir, merged, {**info, **task.info()})
             progress.say(
                 f"{config.name}: {len(config.methods)} methods x {len(config.train.seeds)} "
                 f"seeds, {config.train.epochs} epochs each -> {results_dir}"
@@ -112,8 +113,10 @@ def run_experiment(config: ExperimentConfig, *, echo: Echo = print) -> Path:
                     finished += 1
                     progress.say(_run_line(outcome, spec.headline, finished, total))
                     # Tables after each run: a long job shows its results so far.
-                    write_report(results_dir, figures=False)
-            write_report(results_dir, figures=config.plots.enabled)
+                    if is_main_process():
+                        write_report(results_dir, figures=False)
+            if is_main_process():
+                write_report(results_dir, figures=config.plots.enabled)
     except KeyboardInterrupt as interrupt:
         stopped = interrupt if isinstance(interrupt, Interrupted) else Interrupted()
         stopped.results_dir, stopped.finished, stopped.total = results_dir, finished, total

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from contextnorm.config import ConfigError
 from contextnorm.io import atomic_write_json
@@ -65,6 +66,12 @@ class Interrupted(KeyboardInterrupt):
         self.total = 0
 
 
+def is_main_process() -> bool:
+    """Whether this process writes files: every process of a multi-device run executes the
+    experiment (Lightning launches the same command once per device); the first alone writes."""
+    return rank_zero_only.rank == 0
+
+
 @dataclass
 class RunOutcome:
     """A run's record and how it came about."""
@@ -100,7 +107,7 @@ def run_single(task: Task, index: int, seed: int, progress: Progress) -> RunOutc
             return RunOutcome(previous, reused=True)
 
     resume_from = _resume_point(run_dir, checkpoint_settings)
-    if resume_from is None:
+    if resume_from is None and is_main_process():
         atomic_write_json(run_dir / RUN_FILE, {"settings": checkpoint_settings})
 
     L.seed_everything(seed, workers=True, verbose=False)
@@ -153,8 +160,7 @@ def run_single(task: Task, index: int, seed: int, progress: Progress) -> RunOutc
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise Interrupted(run_dir, len(history.records)) from None
     _complete(record, history, task.selection)
-    # Every process of a multi-device run trains; the main one alone writes.
-    if trainer.is_global_zero:
+    if is_main_process():
         record.save(run_dir)
         if record.finished:
             if wants_activations:
