@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import contextnorm
 from contextnorm.cli import main
 from contextnorm.methods import METHODS
 
@@ -38,15 +39,38 @@ def test_list_shows_methods_data_sets_models_and_configs(capsys) -> None:
         assert name in output
 
 
-def test_the_module_runs_as_a_program() -> None:
+def test_the_package_runs_as_a_program_and_knows_its_version() -> None:
     finished = subprocess.run(
-        [sys.executable, "-m", "contextnorm.cli", "list"],
+        [sys.executable, "-m", "contextnorm", "--version"],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert finished.returncode == 0, finished.stderr
-    assert "methods" in finished.stdout
+    assert finished.stdout.strip() == f"contextnorm {contextnorm.__version__}"
+
+
+HEAVY_MODULES = ("torch", "lightning", "sklearn", "torchmetrics", "matplotlib")
+
+
+@pytest.mark.parametrize(
+    "arguments", [["--help"], ["run", "--help"], ["demo", "train.epoch=1"], ["demo", "train.lr=-1"]]
+)
+def test_help_and_config_mistakes_need_no_heavy_import(arguments) -> None:
+    """The command answers at once: torch, Lightning and scikit-learn take seconds to import."""
+    script = (
+        "import sys\n"
+        "from contextnorm.cli import main\n"
+        "try:\n"
+        f"    main({arguments!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        f"print('loaded:', sorted(set({HEAVY_MODULES!r}) & set(sys.modules)))\n"
+    )
+    finished = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert "loaded: []" in finished.stdout, finished.stdout + finished.stderr
 
 
 @pytest.mark.parametrize(
