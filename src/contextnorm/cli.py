@@ -80,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     report.add_argument("results_dir", help="the output folder of an experiment")
     report.set_defaults(handler=_report)
+
+    cache = commands.add_parser(
+        "cache",
+        help="the decoded-image cache: where it is, its size and limit ($CONTEXTNORM_CACHE_GB)",
+    )
+    cache.add_argument("--clear", action="store_true", help="delete every cached file")
+    cache.set_defaults(handler=_cache)
     return parser
 
 
@@ -128,6 +135,18 @@ def _list(arguments: argparse.Namespace) -> int:
     print("shipped configs (`contextnorm run NAME`):")
     for name in shipped_configs():
         print(f"  {name:<28} {_first_comment(name)}")
+    return 0
+
+
+def _cache(arguments: argparse.Namespace) -> int:
+    from contextnorm.data.decode import cache_entries, cache_folder, cache_limit_bytes, clear_cache
+
+    entries = clear_cache() if arguments.clear else cache_entries()
+    size = sum(entry.size for entry in entries) / 1024**3
+    action = "deleted" if arguments.clear else "holds"
+    print(f"decoded-image cache: {cache_folder()}")
+    limit = cache_limit_bytes() / 1024**3
+    print(f"{action} {len(entries)} file(s), {size:.2f} GB; limit {limit:g} GB")
     return 0
 
 

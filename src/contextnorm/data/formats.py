@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 import pickle
 from collections.abc import Callable
@@ -354,12 +355,24 @@ OXFORD_PET = DatasetFormat(
 # --- image folder: root/<class>/<image>, optionally under root/train and root/test ----------------
 
 
-def read_image_folder(directory: Path, split: str, image_size: int | None) -> ImageData:
+def read_image_folder(
+    directory: Path, split: str, image_size: int | None, domains: str | None = None
+) -> ImageData:
     """Read ``directory/<split>/<class>/*`` when ``directory/train`` or ``directory/test`` exists,
     else ``directory/<class>/*`` as the train split (a flat tree has no test split).
 
     Classes are the sorted class-folder names over all splits, so train and test labels agree
     even when a class is missing from one split. Hidden folders (".name") are not classes.
+
+    Args:
+        directory: the image folder.
+        split: ``"train"`` or ``"test"``.
+        image_size: resize to this square size; ``None`` keeps the size.
+        domains: a CSV file (relative to ``directory``, or absolute) that gives each image a
+            domain, for ``domain`` contexts: a header row naming a ``path`` column (the image's
+            path relative to ``directory``, e.g. ``train/cat/001.jpg``) and a ``domain`` column
+            (an id from 0, or a name; names are numbered in sorted order). Every image needs a
+            row.
     """
     if not directory.is_dir():
         raise FileNotFoundError(
@@ -399,10 +412,76 @@ def read_image_folder(directory: Path, split: str, image_size: int | None) -> Im
             f"extensions {sorted(IMAGE_EXTENSIONS)}."
         )
     paths, labels = zip(*samples, strict=True)
+    domain_ids, domain_names = (None, None)
+    if domains is not None:
+        domain_ids, domain_names = _read_domains(directory, domains, paths)
     images = load_image_files(
         paths, image_size=image_size, force_rgb=False, cache_name=f"image-folder-{split}"
     )
-    return ImageData(images, torch.tensor(labels, dtype=torch.int64), classes)
+    return ImageData(
+        images,
+        torch.tensor(labels, dtype=torch.int64),
+        classes,
+        domains=domain_ids,
+        domain_names=domain_names,
+    )
+
+
+_PATH_COLUMN = "path"
+_DOMAIN_COLUMNS = ("domain", "context")
+
+
+def _read_domains(
+    directory: Path, table: str, paths: tuple[Path, ...]
+) -> tuple[torch.Tensor, list[str]]:
+    """Each image's domain id from the CSV ``table``, and the domain names."""
+    path = Path(table).expanduser()
+    path = path if path.is_absolute() else directory / path
+    if not path.is_file():
+        raise FileNotFoundError(f"domains file {path} does not exist.")
+    with path.open(newline="", encoding="utf-8-sig") as stream:
+        reader = csv.DictReader(stream)
+        header = [name.strip().lower() for name in reader.fieldnames or []]
+        column = next((name for name in _DOMAIN_COLUMNS if name in header), None)
+        if _PATH_COLUMN not in header or column is None:
+            raise ValueError(
+                f"{path} must start with a header row naming a 'path' column and a 'domain' "
+                f"column; its header is {reader.fieldnames}."
+            )
+        rows = [
+            {key.strip().lower(): value.strip() for key, value in row.items()} for row in reader
+        ]
+    listed = {}
+    for number, row in enumerate(rows, start=2):
+        if not row[_PATH_COLUMN] or not row[column]:
+            raise ValueError(f"{path}, line {number}: the path or the domain is empty.")
+        listed[_relative(directory, Path(row[_PATH_COLUMN]))] = row[column]
+    values = sorted(set(listed.values()))
+    if all(value.isdigit() for value in values):
+        count = max(int(value) for value in values) + 1
+        names = [f"domain {index}" for index in range(count)]
+        ids = {value: int(value) for value in values}
+    else:
+        names = values
+        ids = {value: index for index, value in enumerate(values)}
+    wanted = [_relative(directory, image) for image in paths]
+    missing = [image for image in wanted if image not in listed]
+    if missing:
+        raise ValueError(
+            f"{path} gives no domain for {len(missing)} of the {len(wanted)} images, e.g. "
+            f"{missing[:3]}; add a row for each (paths relative to {directory})."
+        )
+    return torch.tensor([ids[listed[image]] for image in wanted], dtype=torch.int64), names
+
+
+def _relative(directory: Path, path: Path) -> str:
+    """A path as the domains file writes it: relative to the image folder, with '/'."""
+    if path.is_absolute():
+        try:
+            path = path.relative_to(directory)
+        except ValueError:
+            return path.as_posix()
+    return path.as_posix()
 
 
 IMAGE_FOLDER = DatasetFormat(
