@@ -80,11 +80,21 @@ def test_help_and_config_mistakes_need_no_heavy_import(arguments) -> None:
         (["demo", "train.epoch=1"], "unknown config key 'train.epoch'"),
         (["demo", "epochs"], "must look like key.sub=value"),
         (["report", "."], "not a results folder"),
+        (
+            ["demo", "data.name=mnist", "data.root=/nonexistent/mnist"],
+            "Or set data.root to the folder that holds the files, or data.download=true",
+        ),
+        (["demo", "contexts.kind=kmeans", "contexts.num_contexts=null"], "contexts.num_contexts"),
+        (["demo", "contexts.kind=superclass"], "contexts.options.mapping"),
+        (["demo", "task.name=gan"], "task.name: unknown task 'gan'; registered tasks:"),
     ],
 )
 def test_user_errors_exit_with_status_2_and_a_message(capsys, arguments, message) -> None:
     assert main(arguments) == 2
-    assert message in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert message in error
+    # Advice for the command line, not for the Python API.
+    assert "load_dataset(" not in error and "pass " not in error
 
 
 @pytest.mark.slow

@@ -454,7 +454,7 @@ def test_image_folder_flat_mixed_colour_and_sizes(tmp_path: Path) -> None:
         4,
     )  # greyscale repeated to RGB because one image has colour
     assert torch.equal(data.images[0, 0], data.images[0, 1])
-    with pytest.raises(ValueError, match="one split only"):
+    with pytest.raises(ValueError, match="holds a training split only; put the images in"):
         load_dataset("image-folder", tmp_path, "test")
     with pytest.raises(ValueError, match="needs root"):
         load_dataset("image-folder", None)

@@ -187,8 +187,8 @@ class _ClusterContexts(ABC):
     ) -> None:
         if num_contexts is None:
             raise ValueError(
-                f"num_contexts is required for {type(self).__name__}; give the number of "
-                "clusters K."
+                "num_contexts is required for clustered contexts; give the number of clusters K "
+                "(contexts.num_contexts in a config)."
             )
         if isinstance(num_contexts, bool) or not isinstance(num_contexts, int) or num_contexts < 1:
             raise ValueError(f"num_contexts must be an int >= 1; got {num_contexts!r}.")
@@ -331,8 +331,9 @@ class SuperclassContexts:
         if self.mapping is None:
             if train.coarse_labels is None or train.coarse_classes is None:
                 raise ValueError(
-                    "this data set has no coarse labels; pass SuperclassContexts(mapping=...), a "
-                    "{fine label: superclass} dict such as CIFAR10_VEHICLES_ANIMALS."
+                    "this data set has no coarse labels; give a mapping (contexts.options.mapping "
+                    "in a config): a {class id: superclass id} dict, or a named one "
+                    f"({', '.join(SUPERCLASS_MAPPINGS)})."
                 )
             self.num_contexts = len(train.coarse_classes)
             self._fitted = True
@@ -389,7 +390,8 @@ class DomainContexts:
         if train.domains is None or train.domain_names is None:
             raise ValueError(
                 "this data set has no domains; domain contexts need ImageData.domains (the "
-                "'digits' data set has them; an image folder takes them from a CSV file)."
+                "'digits' data set has them; an image folder reads them from a CSV file given as "
+                "data.options.domains in a config)."
             )
         self.num_contexts = len(train.domain_names)
         return self
@@ -438,7 +440,8 @@ class RandomContexts:
     ) -> None:
         if like is None and num_contexts is None:
             raise ValueError(
-                "random contexts need num_contexts, or a reference kind to copy (like=...)."
+                "random contexts need num_contexts, or a context kind whose group sizes they copy "
+                "(like=...; contexts.options.like in a config)."
             )
         if isinstance(like, Mapping):
             unknown = sorted(set(like) - {"kind", "num_contexts", "options"})

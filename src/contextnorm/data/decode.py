@@ -182,7 +182,7 @@ def _decode(paths: Sequence[Path], image_size: int | None, force_rgb: bool) -> t
     if len(sizes) > 1:
         raise ValueError(
             f"the images have {len(sizes)} different sizes (e.g. {sorted(sizes)[:3]}); "
-            "pass image_size=... to resize them to one square size."
+            "set an image_size (data.image_size in a config) to resize them to one square size."
         )
     channels = max(image.shape[0] for image in decoded)
     return torch.stack([image.expand(channels, -1, -1) for image in decoded])

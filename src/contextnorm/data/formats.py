@@ -382,8 +382,9 @@ def read_image_folder(
     split_folders = [directory / name for name in SPLITS if (directory / name).is_dir()]
     if not split_folders and split != "train":
         raise ValueError(
-            f"{directory} has no train/ and test/ folders, so it holds one split only: load it "
-            "with split='train' and divide it yourself (ImageData.subset)."
+            f"{directory} has no train/ and test/ folders, so it holds a training split only; "
+            f"put the images in {directory}/train/<class>/ and {directory}/test/<class>/ for a "
+            "test split (or, in Python, divide the train split with ImageData.subset)."
         )
     folder = directory / split if split_folders else directory
     if not folder.is_dir():
