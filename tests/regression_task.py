@@ -117,7 +117,7 @@ class DigitRegression(Task):
         preprocess = BatchPreprocess(self.mean, self.std, size, crop_flip=False)
         return RegressionModule(network, preprocess, self.config.train, self.options.scale)
 
-    def datamodule(self, module: TaskModule) -> L.LightningDataModule:
+    def datamodule(self, index: int, module: TaskModule) -> L.LightningDataModule:
         settings = self.config.train
         return ContextDataModule(
             self.splits["train"],
@@ -127,11 +127,11 @@ class DigitRegression(Task):
             eval_batch_size=settings.batch_size,
         )
 
-    def evaluate(self, trainer, module, datamodule) -> dict[str, dict[str, float]]:
+    def evaluate(self, index, trainer, module, datamodule) -> dict[str, dict[str, float]]:
         (output,) = trainer.test(module, datamodule=datamodule, verbose=False)
         return {"test": {name: float(output[f"test/{name}"]) for name in ("mae", "mse")}}
 
-    def probe(self, module: TaskModule, count: int, seed: int) -> Probe:
+    def probe(self, index: int, module: TaskModule, count: int, seed: int) -> Probe:
         split = self.splits["test"]
         chosen = torch.from_numpy(
             np.sort(np.random.default_rng(seed).permutation(len(split.data))[:count])

@@ -323,11 +323,44 @@ def test_input_derived_contexts_have_a_single_view(tmp_path) -> None:
 
 def test_validation_is_a_stratified_hold_out_of_the_training_split(tmp_path) -> None:
     prepared = prepare_experiment(tiny_config(tmp_path, "data.val_fraction=0.2"))
-    train, val = prepared.train.data, prepared.val.data
+    train, val = prepared.shared.train.data, prepared.shared.val.data
     total = len(train) + len(val)
     assert len(val) == round(0.2 * total)
     assert torch.bincount(val.labels).min() > 0
     assert not set(map(bytes, train.images.numpy())) & set(map(bytes, val.images.numpy()))
+
+
+@pytest.mark.slow
+def test_context_ablations_sit_in_the_same_table(tmp_path) -> None:
+    config = tiny_config(
+        tmp_path,
+        "methods=[bn, cn, {name: cn, label: cn-random, contexts: {kind: random, seed: 4}}, "
+        "{name: cn, label: cn-one, contexts: {kind: random, num_contexts: 1}}]",
+    )
+    task = prepare_experiment(config)
+    domains = task.contexts[1].train.contexts
+    randomised = task.contexts[2].train.contexts
+    assert torch.equal(torch.bincount(randomised), torch.bincount(domains))
+    assert not torch.equal(randomised, domains)
+    assert task.contexts[3].train.contexts.unique().tolist() == [0]
+    assert task.build_module(3).tested_layers[0].num_contexts == 1
+
+    results_dir = run_experiment(config)
+    markdown = (results_dir / "results.md").read_text(encoding="utf-8")
+    for label in ("cn-random", "cn-one"):
+        assert f"| {label} | 1 |" in markdown
+    assert "cn-random: random, K = 2, drawn once per sample (seed 4) with the group sizes" in (
+        markdown
+    )
+    assert "cn-one: random, K = 1" in markdown
+
+
+def test_random_contexts_are_a_kind_for_any_config(tmp_path) -> None:
+    task = prepare_experiment(
+        tiny_config(tmp_path, "contexts.kind=random", "contexts.options={like: domain}")
+    )
+    assert task.describe().views["input"].title == "random context"
+    assert torch.equal(torch.bincount(task.train.contexts), torch.bincount(task.train.data.domains))
 
 
 # --- pieces --------------------------------------------------------------------------------

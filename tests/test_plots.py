@@ -131,16 +131,15 @@ def test_activation_sample_round_trips_through_npz(tmp_path) -> None:
     assert not loaded.matches(PlotConfig(layer=0, channel=1, samples=60))
 
 
-class _ProbeTask:
-    """The one part of a task that capture uses: a probe running the module on fixed images."""
+def fixed_images_probe(module: TaskModule, images: torch.Tensor, contexts: torch.Tensor):
+    """What a task's probe does: run the module on held-out samples chosen with the seed."""
 
-    def __init__(self, images: torch.Tensor, contexts: torch.Tensor) -> None:
-        self.images, self.contexts = images, contexts
-
-    def probe(self, module: TaskModule, count: int, seed: int) -> Probe:
+    def probe(count: int, seed: int) -> Probe:
         chosen = torch.from_numpy(np.sort(np.random.default_rng(seed).permutation(20)[:count]))
-        module(self.images[chosen], self.contexts[chosen])
-        return Probe(self.contexts[chosen], torch.arange(20)[chosen] % 3)
+        module(images[chosen], contexts[chosen])
+        return Probe(contexts[chosen], torch.arange(20)[chosen] % 3)
+
+    return probe
 
 
 def test_capture_records_the_hooked_layer_input_and_pooled_output() -> None:
@@ -150,11 +149,11 @@ def test_capture_records_the_hooked_layer_input_and_pooled_output() -> None:
         torch.nn.Conv2d(1, 5, 3, padding=1), norm, torch.nn.Flatten(), torch.nn.Linear(5 * 36, 3)
     )
     images = torch.randn(20, 1, 6, 6)
-    task = _ProbeTask(images, torch.arange(20) % 2)
     module = TaskModule(model, [norm], TrainConfig())
+    probe = fixed_images_probe(module, images, torch.arange(20) % 2)
     plots = PlotConfig(layer=0, channel=2, samples=8)
 
-    sample = capture_activations(task, module, norm, plots=plots, seed=0)
+    sample = capture_activations(probe, module, norm, plots=plots, seed=0)
     assert sample.channel_values.shape == sample.channel_contexts.shape == (8 * 6 * 6,)
     assert sample.features.shape == (8, 5)
     assert sample.contexts.shape == sample.labels.shape == (8,)
@@ -170,4 +169,4 @@ def test_capture_records_the_hooked_layer_input_and_pooled_output() -> None:
     np.testing.assert_array_equal(sample.channel_contexts, np.repeat(chosen % 2, 36))
     assert module.training, "capture restores the module's training mode"
     with pytest.raises(ValueError, match=r"plots\.channel=7"):
-        capture_activations(task, module, norm, plots=PlotConfig(channel=7, samples=8), seed=0)
+        capture_activations(probe, module, norm, plots=PlotConfig(channel=7, samples=8), seed=0)

@@ -180,11 +180,15 @@ class MethodConfig:
         name: a registered method (``contextnorm list``).
         label: the row name in tables and plots; defaults to ``name``. Labels must be unique.
         options: keyword arguments for the layer (checked against its signature).
+        contexts: contexts of this method's own, in place of the experiment's: the context
+            ablations sit in the same tables, e.g. ``{kind: random}`` (the experiment's K and
+            group sizes, drawn at random) or ``{kind: random, num_contexts: 1}`` (one context).
     """
 
     name: str
     label: str | None = _execution(None)
     options: dict[str, Any] = field(default_factory=dict)
+    contexts: ContextConfig | None = None
 
     @property
     def display_name(self) -> str:
@@ -370,6 +374,9 @@ class ExperimentConfig:
     def check(self) -> None:
         for section in (self.data, self.contexts, self.train, self.plots):
             section.check()
+        for method in self.methods:
+            if method.contexts is not None:
+                method.contexts.check()
         _require(len(self.methods) >= 1, "methods", "must list at least one method", self.methods)
         labels = [method.display_name for method in self.methods]
         duplicates = sorted({label for label in labels if labels.count(label) > 1})

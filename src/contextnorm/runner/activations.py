@@ -7,6 +7,7 @@ samples (``Task.probe``), whatever the task's data; :class:`ActivationSample` is
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,7 +20,7 @@ from contextnorm.io import atomic_write
 if TYPE_CHECKING:
     from torch import nn
 
-    from contextnorm.tasks import Task, TaskModule
+    from contextnorm.tasks import Probe, TaskModule
 
 MAX_CHANNEL_VALUES = 50_000
 
@@ -83,17 +84,18 @@ class ActivationSample:
 
 
 def capture_activations(
-    task: Task,
+    probe: Callable[[int, int], Probe],
     module: TaskModule,
     layer: nn.Module,
     *,
     plots: PlotConfig,
     seed: int,
 ) -> ActivationSample:
-    """Record ``layer``'s input and output while ``task`` probes ``module`` in eval mode.
+    """Record ``layer``'s input and output while ``probe`` runs ``module`` in eval mode.
 
     Args:
-        task: the experiment's task; its ``probe`` chooses and runs the samples.
+        probe: ``probe(count, seed)`` runs the module on ``count`` held-out samples chosen with
+            ``seed`` (a task's ``probe`` for one method).
         module: the trained module.
         layer: a tested norm layer inside it.
         plots: which layer index, channel and number of samples.
@@ -116,7 +118,7 @@ def capture_activations(
     handle = layer.register_forward_hook(hook)
     try:
         with torch.no_grad():
-            probe = task.probe(module, plots.samples, seed)
+            probed = probe(plots.samples, seed)
     finally:
         handle.remove()
         module.train(was_training)
@@ -129,7 +131,7 @@ def capture_activations(
         raise ValueError(
             f"plots.channel={plots.channel} but the tested layer has {inputs.shape[1]} channels"
         )
-    contexts = probe.contexts.cpu()
+    contexts = probed.contexts.cpu()
     values = inputs[:, plots.channel].reshape(len(inputs), -1)
     value_contexts = contexts[:, None].expand_as(values).reshape(-1).numpy()
     values = values.reshape(-1).numpy()
@@ -146,5 +148,5 @@ def capture_activations(
         channel_contexts=value_contexts,
         features=features.numpy(),
         contexts=contexts.numpy(),
-        labels=probe.labels.cpu().numpy(),
+        labels=probed.labels.cpu().numpy(),
     )

@@ -112,7 +112,7 @@ def run_single(task: Task, index: int, seed: int, progress: Progress) -> RunOutc
 
     L.seed_everything(seed, workers=True, verbose=False)
     module = task.build_module(index)
-    datamodule = task.datamodule(module)
+    datamodule = task.datamodule(index, module)
     shown = _shown_metrics(task)
     history = EpochHistory(
         on_epoch=progress.epoch_printer(title, config.train.epochs, shown),
@@ -148,7 +148,7 @@ def run_single(task: Task, index: int, seed: int, progress: Progress) -> RunOutc
                     f"train.epochs={config.train.epochs}; delete that folder to train it again, "
                     "or set output_dir to a new folder"
                 )
-            record.test = task.evaluate(trainer, module, datamodule)
+            record.test = task.evaluate(index, trainer, module, datamodule)
         except FloatingPointError as error:
             record.status = DIVERGED
             record.diverged_at = trainer.current_epoch + 1
@@ -164,8 +164,8 @@ def run_single(task: Task, index: int, seed: int, progress: Progress) -> RunOutc
         record.save(run_dir)
         if record.finished:
             if wants_activations:
-                _save_activations(task, module, seed, run_dir)
-            task.save_artifacts(module, run_dir)
+                _save_activations(task, index, module, seed, run_dir)
+            task.save_artifacts(index, module, run_dir)
     return RunOutcome(record, reused=False)
 
 
@@ -242,13 +242,17 @@ def _refresh_activations(task: Task, index: int, seed: int, run_dir: Path) -> No
     # The run's own checkpoint: besides tensors it holds Lightning's loop and callback state.
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
     module.load_state_dict(checkpoint["state_dict"])
-    _save_activations(task, module, seed, run_dir)
+    _save_activations(task, index, module, seed, run_dir)
 
 
-def _save_activations(task: Task, module: TaskModule, seed: int, run_dir: Path) -> None:
+def _save_activations(task: Task, index: int, module: TaskModule, seed: int, run_dir: Path) -> None:
     plots = task.config.plots
     sample = capture_activations(
-        task, module, module.tested_layers[plots.layer], plots=plots, seed=seed
+        lambda count, seed: task.probe(index, module, count, seed),
+        module,
+        module.tested_layers[plots.layer],
+        plots=plots,
+        seed=seed,
     )
     sample.save(run_dir / ACTIVATIONS_FILE)
 

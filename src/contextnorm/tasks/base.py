@@ -86,7 +86,8 @@ class Task(ABC):
        figure setting fails here too.
     3. :meth:`describe` and :meth:`info`: what the report shows and the facts about the data;
        both are stored in the results folder, and the report is drawn from them alone.
-    4. For each run (method, seed), with every random generator seeded from the seed:
+    4. For each run of ``config.methods[index]`` with a seed, every random generator seeded
+       from the seed (each call gets the method's ``index``):
 
        a. :meth:`build_module`: a :class:`~contextnorm.tasks.module.TaskModule` (a
           LightningModule) for the method: its model(s) with the method's norm, its training
@@ -144,16 +145,20 @@ class Task(ABC):
         """The module of ``config.methods[index]``, initialised from the current random state."""
 
     @abstractmethod
-    def datamodule(self, module: TaskModule) -> L.LightningDataModule:
-        """The data for ``module``'s training, validation and test steps."""
+    def datamodule(self, index: int, module: TaskModule) -> L.LightningDataModule:
+        """The data for the training, validation and test steps of method ``index``'s module."""
 
     @abstractmethod
     def evaluate(
-        self, trainer: L.Trainer, module: TaskModule, datamodule: L.LightningDataModule
+        self,
+        index: int,
+        trainer: L.Trainer,
+        module: TaskModule,
+        datamodule: L.LightningDataModule,
     ) -> dict[str, dict[str, float]]:
         """Test the trained ``module``: view -> metric -> value, for every view described."""
 
-    def probe(self, module: TaskModule, count: int, seed: int) -> Probe:
+    def probe(self, index: int, module: TaskModule, count: int, seed: int) -> Probe:
         """Run ``module`` (in eval mode) on ``count`` held-out samples chosen with ``seed``.
 
         The runner records the input and output of a tested layer during this call, for the
@@ -161,7 +166,7 @@ class Task(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} does not record activations")
 
-    def save_artifacts(self, module: TaskModule, run_dir: Path) -> None:  # noqa: B027
+    def save_artifacts(self, index: int, module: TaskModule, run_dir: Path) -> None:  # noqa: B027
         """Write extra files of a finished run into ``run_dir`` (nothing by default).
 
         Image files named in ``describe().run_images`` are shown by the report.

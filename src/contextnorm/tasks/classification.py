@@ -8,7 +8,10 @@ classifier, and no context (the layers' posterior mixture).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -25,14 +28,16 @@ from torchmetrics.classification import (
 )
 
 import contextnorm as cn
-from contextnorm.config import TrainConfig
-from contextnorm.contexts import ContextPredictor, label_derived
+from contextnorm.config import ConfigError, ContextConfig, TrainConfig
+from contextnorm.contexts import CONTEXTS, ContextPredictor, label_derived
 from contextnorm.metrics import MetricSpec, ReportSpec, ViewSpec
+from contextnorm.registry import UnknownNameError
 from contextnorm.tasks.base import TASKS, Probe, Selection, Task
 from contextnorm.tasks.data import (
     UNKNOWN_CONTEXT,
     ContextDataModule,
     ContextSplit,
+    Splits,
     assign_contexts,
     check_contexts,
     context_names,
@@ -189,9 +194,38 @@ class ClassificationModule(TaskModule):
         self.log_dict(metrics, batch_size=len(labels), add_dataloader_idx=False)
 
 
+@dataclass
+class PreparedContexts:
+    """One way of giving samples contexts, assigned to every split.
+
+    Attributes:
+        config: the ``contexts`` section it comes from.
+        num_contexts: K.
+        names: a name per context id.
+        train, val: the training and validation splits with these contexts.
+        test: view -> the test split with that view's contexts.
+        prediction_accuracy: with label-derived views, how often the predicted test context
+            is the true one.
+    """
+
+    config: ContextConfig
+    num_contexts: int
+    names: list[str]
+    train: ContextSplit
+    val: ContextSplit
+    test: dict[str, ContextSplit]
+    prediction_accuracy: float | None
+
+
 @TASKS.register("classification")
 class ClassificationTask(Task):
-    """Image classification with cross-entropy (the default task)."""
+    """Image classification with cross-entropy (the default task).
+
+    Every method gets the experiment's contexts unless its config gives its own
+    (``methods: [{name: cn, label: cn-random, contexts: {kind: random}}]``): the context
+    ablations then sit in the same tables. The test views follow the experiment's context
+    kind; a method with its own contexts gets those in every view.
+    """
 
     selection = Selection("val/loss", "min")
 
@@ -200,97 +234,141 @@ class ClassificationTask(Task):
         # Names first: a misspelt method should not wait for the data to load.
         for index, method in enumerate(config.methods):
             get_method(method.name, method_location(config, index))
-        splits = load_splits(config.data)
         kind = config.contexts.kind
-        builder = fit_contexts(config.contexts, splits.train)
-        self.num_contexts = builder.num_contexts
-        self.train = ContextSplit(
-            splits.train, assign_contexts(builder, splits.train, "train", kind)
-        )
-        self.val = ContextSplit(
-            splits.val, assign_contexts(builder, splits.val, "validation", kind)
-        )
-        test_contexts = assign_contexts(builder, splits.test, "test", kind)
-        self.context_names = context_names(kind, splits.train, self.num_contexts)
-        self.context_prediction_accuracy: float | None = None
-        if not label_derived(kind):
-            self.views = {"input": ViewSpec(builder.title, builder.description)}
-            self.test_splits = {"input": ContextSplit(splits.test, test_contexts)}
+        try:
+            builder_class = CONTEXTS.get(kind)
+        except UnknownNameError as error:
+            raise ConfigError(f"contexts.kind: {error}") from None
+        splits = load_splits(config.data)
+        if builder_class.label_derived:
+            self.views = {"oracle": None, "predicted": PREDICTED_VIEW, "unknown": UNKNOWN_VIEW}
         else:
-            predictor = ContextPredictor(seed=config.contexts.seed).fit(
-                splits.train, self.train.contexts
-            )
-            predicted = check_contexts(
-                predictor.predict(splits.test),
-                "predicted test",
-                len(splits.test),
-                self.num_contexts,
-            )
-            self.context_prediction_accuracy = float((predicted == test_contexts).double().mean())
-            self.views = {
-                "oracle": ViewSpec(builder.title, builder.description),
-                "predicted": PREDICTED_VIEW,
-                "unknown": UNKNOWN_VIEW,
-            }
-            unknown = torch.full_like(test_contexts, UNKNOWN_CONTEXT)
-            self.test_splits = {
-                "oracle": ContextSplit(splits.test, test_contexts),
-                "predicted": ContextSplit(splits.test, predicted),
-                "unknown": ContextSplit(splits.test, unknown),
-            }
+            self.views = {"input": None}
+        prepared: dict[str, PreparedContexts] = {}
+        self.contexts: list[PreparedContexts] = []
+        for method in config.methods:
+            contexts = method.contexts or config.contexts
+            key = json.dumps(dataclasses.asdict(contexts), sort_keys=True, default=str)
+            if key not in prepared:
+                prepared[key] = self._prepare_contexts(contexts, splits)
+            self.contexts.append(prepared[key])
+        shared = prepared.get(
+            json.dumps(dataclasses.asdict(config.contexts), sort_keys=True, default=str)
+        ) or self._prepare_contexts(config.contexts, splits)
+        self.shared = shared
+        first = next(iter(self.views))
+        self.views[first] = ViewSpec(builder_class.title, builder_class.description)
         self.mean, self.std = channel_statistics(splits.train.images)
         augment = config.data.augment
         self.crop_flip = augment == "crop_flip" or (
             augment == "auto" and splits.train.num_channels == 3
         )
 
+    def _prepare_contexts(self, contexts: ContextConfig, splits: Splits) -> PreparedContexts:
+        """``contexts`` fitted on the training split and assigned to every split and view."""
+        extra = {}
+        if contexts.kind == "random" and "like" not in contexts.options:
+            # The ablation of the experiment's own contexts: their K and group sizes.
+            reference = self.config.contexts
+            extra["like"] = {
+                "kind": reference.kind,
+                "num_contexts": reference.num_contexts,
+                "options": reference.options,
+            }
+        builder = fit_contexts(contexts, splits.train, **extra)
+        kind, count = contexts.kind, builder.num_contexts
+        train = ContextSplit(splits.train, assign_contexts(builder, splits.train, "train", kind))
+        val = ContextSplit(splits.val, assign_contexts(builder, splits.val, "validation", kind))
+        test_contexts = assign_contexts(builder, splits.test, "test", kind)
+        accuracy = None
+        if "predicted" not in self.views:
+            test = {"input": ContextSplit(splits.test, test_contexts)}
+        else:
+            if count == 1:
+                # One context: nothing to predict.
+                predicted = torch.zeros_like(test_contexts)
+            else:
+                predictor = ContextPredictor(seed=contexts.seed).fit(splits.train, train.contexts)
+                predicted = check_contexts(
+                    predictor.predict(splits.test), "predicted test", len(splits.test), count
+                )
+            accuracy = float((predicted == test_contexts).double().mean())
+            unknown = torch.full_like(test_contexts, UNKNOWN_CONTEXT)
+            test = {
+                "oracle": ContextSplit(splits.test, test_contexts),
+                "predicted": ContextSplit(splits.test, predicted),
+                "unknown": ContextSplit(splits.test, unknown),
+            }
+        names = context_names(kind, splits.train, count)
+        return PreparedContexts(contexts, count, names, train, val, test, accuracy)
+
+    @property
+    def train(self) -> ContextSplit:
+        """The training split with the experiment's contexts."""
+        return self.shared.train
+
+    @property
+    def test_splits(self) -> dict[str, ContextSplit]:
+        """View -> the test split with the experiment's contexts of that view."""
+        return self.shared.test
+
     @property
     def num_classes(self) -> int:
         return self.train.data.num_classes
 
     def describe(self) -> ReportSpec:
-        config, data = self.config, self.train.data
-        test = next(iter(self.test_splits.values())).data
+        config, shared, data = self.config, self.shared, self.train.data
+        test = next(iter(shared.test.values())).data
         shape = "x".join(map(str, data.images.shape[1:]))
         train = config.train
         notes = []
-        if self.context_prediction_accuracy is not None:
+        if shared.prediction_accuracy is not None:
             notes.append(
                 "The context predictor recovers the true context of "
-                f"{100 * self.context_prediction_accuracy:.2f} % of the test images. Models "
+                f"{100 * shared.prediction_accuracy:.2f} % of the test images. Models "
                 "without context layers ignore the context, so their views coincide."
+            )
+        own = [
+            f"{method.display_name}: {_describe_contexts(contexts)}"
+            for method, contexts in zip(config.methods, self.contexts, strict=True)
+            if method.contexts is not None
+        ]
+        if own:
+            notes.append(
+                "Methods with contexts of their own are trained and tested with those, in every "
+                "view in place of the experiment's: " + "; ".join(own) + "."
             )
         return ReportSpec(
             about=[
-                f"data: {config.data.name}, {len(data)} training / {len(self.val.data)} "
+                f"data: {config.data.name}, {len(data)} training / {len(shared.val.data)} "
                 f"validation / {len(test)} test images of shape {shape}, {self.num_classes} "
                 f"classes; augmentation: {self._augmentation()}",
-                f"contexts: {config.contexts.kind}, K = {self.num_contexts} "
-                f"({', '.join(self.context_names)})",
+                f"contexts: {_describe_contexts(shared)}",
                 f"model: {config.model.name}, tested norm placement: {config.model.placement}",
                 f"training: {train.epochs} epochs, batch {train.batch_size}, {train.optimizer} "
                 f"lr {train.lr:g}, weight decay {train.weight_decay:g}, schedule "
                 f"{train.schedule}",
             ],
-            views=self.views,
+            views=dict(self.views),
             metrics=classification_metric_specs(self.num_classes),
             curves=CLASSIFICATION_CURVES,
             notes=notes,
-            num_contexts=self.num_contexts,
-            context_names=self.context_names,
+            num_contexts=shared.num_contexts,
+            context_names=shared.names,
         )
 
     def info(self) -> dict[str, Any]:
+        shared = self.shared
         return {
             "classes": self.train.data.classes,
-            "num_contexts": self.num_contexts,
-            "context_names": self.context_names,
+            "num_contexts": shared.num_contexts,
+            "context_names": shared.names,
             "label_derived_contexts": label_derived(self.config.contexts.kind),
-            "context_prediction_accuracy": self.context_prediction_accuracy,
+            "context_prediction_accuracy": shared.prediction_accuracy,
             "samples": {
                 "train": len(self.train.data),
-                "val": len(self.val.data),
-                "test": len(next(iter(self.test_splits.values())).data),
+                "val": len(shared.val.data),
+                "test": len(next(iter(shared.test.values())).data),
             },
             "image_shape": list(self.train.data.images.shape[1:]),
             "mean": self.mean,
@@ -306,7 +384,7 @@ class ClassificationTask(Task):
         network = build_network(
             self.config,
             index,
-            num_contexts=self.num_contexts,
+            num_contexts=self.contexts[index].num_contexts,
             num_classes=self.num_classes,
             in_channels=data.num_channels,
             image_size=data.image_size,
@@ -325,20 +403,24 @@ class ClassificationTask(Task):
             views,
         )
 
-    def datamodule(self, module: TaskModule) -> ContextDataModule:
+    def datamodule(self, index: int, module: TaskModule) -> ContextDataModule:
         assert isinstance(module, ClassificationModule)
-        settings = self.config.train
+        settings, contexts = self.config.train, self.contexts[index]
         return ContextDataModule(
-            self.train,
-            self.val,
-            {view: self.test_splits[view] for view in module.test_views},
+            contexts.train,
+            contexts.val,
+            {view: contexts.test[view] for view in module.test_views},
             batch_size=settings.batch_size,
             eval_batch_size=settings.eval_batch_size or settings.batch_size,
             num_workers=settings.num_workers,
         )
 
     def evaluate(
-        self, trainer: L.Trainer, module: TaskModule, datamodule: L.LightningDataModule
+        self,
+        index: int,
+        trainer: L.Trainer,
+        module: TaskModule,
+        datamodule: L.LightningDataModule,
     ) -> dict[str, dict[str, float]]:
         assert isinstance(module, ClassificationModule)
         outputs = trainer.test(module, datamodule=datamodule, verbose=False)
@@ -352,9 +434,9 @@ class ClassificationTask(Task):
         }
         return {view: tested.get(view, tested[module.test_views[0]]) for view in self.views}
 
-    def probe(self, module: TaskModule, count: int, seed: int) -> Probe:
+    def probe(self, index: int, module: TaskModule, count: int, seed: int) -> Probe:
         assert isinstance(module, ClassificationModule)
-        split = next(iter(self.test_splits.values()))
+        split = next(iter(self.contexts[index].test.values()))
         chosen = torch.from_numpy(
             np.sort(np.random.default_rng(seed).permutation(len(split.data))[:count])
         )
@@ -362,3 +444,19 @@ class ClassificationTask(Task):
         contexts = split.contexts[chosen]
         module(images, contexts.to(module.device))
         return Probe(contexts=contexts, labels=split.data.labels[chosen])
+
+
+def _describe_contexts(contexts: PreparedContexts) -> str:
+    """``domain, K = 2 (original, inverted)``, with a random kind's reference."""
+    config = contexts.config
+    if config.kind != "random":
+        return f"{config.kind}, K = {contexts.num_contexts} ({', '.join(contexts.names)})"
+    like = config.options.get("like")
+    reference = like if isinstance(like, str) or like is None else like["kind"]
+    sizes = "one context" if contexts.num_contexts == 1 else "groups of equal size"
+    if reference is not None or config.num_contexts is None:
+        sizes = f"the group sizes of the {reference or 'experiment'}'s contexts"
+    return (
+        f"random, K = {contexts.num_contexts}, drawn once per sample (seed {config.seed}) with "
+        f"{sizes}"
+    )
