@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import contextnorm
 from contextnorm.cli import main
@@ -113,3 +116,52 @@ def test_run_then_report_from_saved_results(tmp_path, capsys) -> None:
     assert "| bn | 1 |" in capsys.readouterr().out
     assert (results_dir / "results.md").stat().st_size > 0
     assert (results_dir / "curves.png").stat().st_size > 0
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_block(first_line: str) -> str:
+    """The README's code block that starts with ``first_line``: tests keep the README true."""
+    text = README.read_text(encoding="utf-8")
+    start = text.index(first_line)
+    return text[start : text.index("```", start)]
+
+
+@pytest.mark.slow
+def test_the_readme_walkthrough_from_images_and_a_spreadsheet_to_a_table(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    rng = np.random.default_rng(0)
+    rows = ["path,domain"]
+    for split, count in (("train", 24), ("test", 8)):
+        for label, name in enumerate(("benign", "malignant")):
+            for index in range(count):
+                scanner = ("scanner-a", "scanner-b")[index % 2]
+                # Two scanners: a bright and a dark rendering of the same kind of pattern.
+                pixels = rng.integers(0, 60, (8, 8)) + 40 * label
+                pixels = pixels + 150 if scanner == "scanner-a" else pixels
+                path = Path("my-images") / split / name / f"{index:04d}.png"
+                path_on_disk = tmp_path / path
+                path_on_disk.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path_on_disk)
+                rows.append(f"{path.relative_to('my-images').as_posix()},{scanner}")
+    (tmp_path / "my-images" / "domains.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "my-images.yaml").write_text(readme_block("# my-images.yaml"))
+    monkeypatch.chdir(tmp_path)
+
+    quick = [
+        "train.epochs=1",
+        "train.seeds=[0]",
+        "train.batch_size=16",
+        "train.cpu_threads=1",
+        "model.options.widths=[4, 8, 8, 8]",
+        "plots.enabled=false",
+    ]
+    assert main(["run", "my-images.yaml", *quick]) == 0
+    output = capsys.readouterr().out
+    assert "| method | seeds | accuracy, stored domain | Δ vs bn | s/epoch |" in output
+    for label in ("bn", "cn", "cnx", "cne", "cn-random"):
+        assert f"| {label} | 1 |" in output
+    results = Path("runs/my-images/results.md").read_text(encoding="utf-8")
+    assert "contexts: domain, K = 2 (scanner-a, scanner-b)" in results

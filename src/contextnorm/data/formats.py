@@ -452,11 +452,12 @@ def _read_domains(
         rows = [
             {key.strip().lower(): value.strip() for key, value in row.items()} for row in reader
         ]
+    root = directory.resolve()
     listed = {}
     for number, row in enumerate(rows, start=2):
         if not row[_PATH_COLUMN] or not row[column]:
             raise ValueError(f"{path}, line {number}: the path or the domain is empty.")
-        listed[_relative(directory, Path(row[_PATH_COLUMN]))] = row[column]
+        listed[(root / row[_PATH_COLUMN]).resolve()] = row[column]
     values = sorted(set(listed.values()))
     if all(value.isdigit() for value in values):
         count = max(int(value) for value in values) + 1
@@ -465,24 +466,14 @@ def _read_domains(
     else:
         names = values
         ids = {value: index for index, value in enumerate(values)}
-    wanted = [_relative(directory, image) for image in paths]
-    missing = [image for image in wanted if image not in listed]
+    wanted = [image.resolve() for image in paths]
+    missing = [image.relative_to(root).as_posix() for image in wanted if image not in listed]
     if missing:
         raise ValueError(
             f"{path} gives no domain for {len(missing)} of the {len(wanted)} images, e.g. "
             f"{missing[:3]}; add a row for each (paths relative to {directory})."
         )
     return torch.tensor([ids[listed[image]] for image in wanted], dtype=torch.int64), names
-
-
-def _relative(directory: Path, path: Path) -> str:
-    """A path as the domains file writes it: relative to the image folder, with '/'."""
-    if path.is_absolute():
-        try:
-            path = path.relative_to(directory)
-        except ValueError:
-            return path.as_posix()
-    return path.as_posix()
 
 
 IMAGE_FOLDER = DatasetFormat(

@@ -29,6 +29,7 @@ PANEL_SIZE = (4.2, 3.2)
 DPI = 110
 HISTOGRAM_BINS = 80
 MAX_PROJECTED_POINTS = 2000
+COMPONENT_STYLES = ("--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)))
 
 
 def _figure(num_panels: int, columns: int = 3) -> tuple[Figure, list[Axes]]:
@@ -283,10 +284,16 @@ def plot_activation_histograms(
                 )
             ]
             for index, density in enumerate(densities):
+                # Greys and dash patterns: the colours belong to the contexts.
                 axis.plot(
-                    grid, density, linestyle="--", linewidth=1.2, label=f"component {index + 1}"
+                    grid,
+                    density,
+                    color="0.2",
+                    linestyle=COMPONENT_STYLES[index % len(COMPONENT_STYLES)],
+                    linewidth=1.2,
+                    label=f"component {index + 1}",
                 )
-            axis.plot(grid, np.sum(densities, axis=0), color="black", linewidth=1.5, label="sum")
+            axis.plot(grid, np.sum(densities, axis=0), color="black", linewidth=1.8, label="sum")
         axis.set_xlabel("activation")
         axis.set_ylabel("density")
         axis.legend(fontsize="x-small")
