@@ -6,7 +6,6 @@ import csv
 import json
 import math
 import statistics
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,37 +14,17 @@ from PIL import Image
 from torch import nn
 
 import contextnorm as cn
-from contextnorm.config import ConfigError, ExperimentConfig, apply_overrides, parse_config
+from contextnorm.config import ConfigError, ExperimentConfig
 from contextnorm.methods import METHODS, BatchNorm
 from contextnorm.metrics import summarize
 from contextnorm.runner import load_results, prepare_experiment, run_experiment
 from contextnorm.tasks.data import check_contexts
 from contextnorm.tasks.preprocess import BatchPreprocess, channel_statistics
 
+from tiny import tiny_config
+
 # Digits below 5 form superclass 0, the others superclass 1: a label-derived context.
 LOW_HIGH_DIGITS = "{0: 0, 1: 0, 2: 0, 3: 0, 4: 0, 5: 1, 6: 1, 7: 1, 8: 1, 9: 1}"
-
-
-def tiny_config(tmp_path: Path, *overrides: str) -> ExperimentConfig:
-    """A config that trains in about a second per run: digits, a narrow Shallow CNN, one epoch."""
-    base = [
-        "name=tiny",
-        f"output_dir={tmp_path / 'results'}",
-        "data.name=digits",
-        "contexts.kind=domain",
-        "model.name=shallow_cnn",
-        "model.options.widths=[4, 8, 8, 8]",
-        "methods=[bn, cn]",
-        "train.epochs=1",
-        "train.batch_size=64",
-        "train.seeds=[0]",
-        "train.schedule=constant",
-        "train.progress=none",
-        "train.cpu_threads=1",
-        "train.accelerator=cpu",
-        "plots.enabled=false",
-    ]
-    return parse_config(apply_overrides({}, [*base, *overrides]))
 
 
 def read_result(config: ExperimentConfig, method: str, seed: int) -> dict:

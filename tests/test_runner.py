@@ -17,13 +17,15 @@ import pytest
 import torch
 
 from contextnorm.cli import main
-from contextnorm.config import ConfigError, ExperimentConfig, apply_overrides, parse_config
+from contextnorm.config import ConfigError
 from contextnorm.methods import METHODS, BatchNorm, NormMethod
 from contextnorm.metrics import paired_difference
 from contextnorm.runner import load_results, run_experiment
 from contextnorm.runner.callbacks import EpochHistory
 from contextnorm.runner.fingerprint import differences, run_settings
 from contextnorm.runner.progress import Progress, RunProgressBar
+
+from tiny import tiny_config
 
 BATCHES_PER_EPOCH = 18  # digits: 1,212 training images in batches of 64, the last one dropped
 
@@ -43,23 +45,6 @@ class PoisonedNorm(BatchNorm):
 
 
 METHODS.register("poisoned", NormMethod(PoisonedNorm), summary="BatchNorm that turns to NaN")
-
-
-def tiny_config(tmp_path: Path, *overrides: str) -> ExperimentConfig:
-    base = [
-        "name=tiny",
-        f"output_dir={tmp_path / 'results'}",
-        "model.options.widths=[4, 8, 8, 8]",
-        "methods=[bn, cn]",
-        "train.epochs=1",
-        "train.batch_size=64",
-        "train.seeds=[0]",
-        "train.progress=run",
-        "train.cpu_threads=1",
-        "train.accelerator=cpu",
-        "plots.enabled=false",
-    ]
-    return parse_config(apply_overrides({}, [*base, *overrides]))
 
 
 def methods_in_folder(results_dir: Path) -> list[str]:
@@ -97,7 +82,7 @@ def test_a_rerun_with_some_of_the_methods_keeps_the_others_in_the_tables(tmp_pat
     run_experiment(tiny_config(tmp_path))
     results_dir = tmp_path / "results"
     lines: list[str] = []
-    run_experiment(tiny_config(tmp_path, "methods=[cn]"), echo=lines.append)
+    run_experiment(tiny_config(tmp_path, "methods=[cn]", "train.progress=run"), echo=lines.append)
     assert any("reused" in line for line in lines)
     assert methods_in_folder(results_dir) == ["cn", "bn"]
     assert "| bn | 1 |" in (results_dir / "results.md").read_text(encoding="utf-8")
@@ -108,7 +93,13 @@ def test_a_rerun_with_some_of_the_methods_keeps_the_others_in_the_tables(tmp_pat
     # Runs of other shared settings cannot share a table: they are left out, and the user told.
     lines.clear()
     run_experiment(
-        tiny_config(tmp_path, "methods=[ln]", "train.lr=0.002", "report.baseline=ln"),
+        tiny_config(
+            tmp_path,
+            "methods=[ln]",
+            "train.lr=0.002",
+            "report.baseline=ln",
+            "train.progress=run",
+        ),
         echo=lines.append,
     )
     assert methods_in_folder(results_dir) == ["ln"]
@@ -121,7 +112,7 @@ def test_a_rerun_with_some_of_the_methods_keeps_the_others_in_the_tables(tmp_pat
 def test_a_diverging_method_is_recorded_with_its_epoch_and_the_experiment_goes_on(
     tmp_path,
 ) -> None:
-    config = tiny_config(tmp_path, "methods=[poisoned, bn]", "train.epochs=3")
+    config = tiny_config(tmp_path, "methods=[poisoned, bn]", "train.epochs=3", "train.progress=run")
     lines: list[str] = []
     results_dir = run_experiment(config, echo=lines.append)
 

@@ -7,29 +7,26 @@ import textwrap
 
 import pytest
 
-import regression_task
 from contextnorm.cli import main
-from contextnorm.config import ConfigError, apply_overrides, parse_config
+from contextnorm.config import ConfigError
 from contextnorm.runner import load_results, prepare_experiment, run_experiment
 from contextnorm.tasks import TASKS, build_task
 from contextnorm.tasks.classification import ClassificationTask
+
+import regression_task
 from regression_task import DigitRegression
+from tiny import tiny_config
 
 
 def tiny(tmp_path, *overrides: str):
-    base = [
-        f"output_dir={tmp_path / 'results'}",
-        "model.options.widths=[4, 8, 8, 8]",
-        "methods=[bn, cn]",
+    return tiny_config(
+        tmp_path,
         "train.epochs=2",
-        "train.batch_size=64",
         "train.seeds=[0, 1]",
-        "train.progress=none",
-        "train.cpu_threads=1",
-        "train.accelerator=cpu",
+        "plots.enabled=true",
         "plots.samples=32",
-    ]
-    return parse_config(apply_overrides({}, [*base, *overrides]))
+        *overrides,
+    )
 
 
 def test_a_config_without_a_task_is_classification(tmp_path) -> None:

@@ -244,15 +244,7 @@ def plot_activation_histograms(
         )
         finite = np.isfinite(values)
         if not finite.any():
-            # A diverged run still gets its panel, saying why it is empty.
-            axis.text(
-                0.5,
-                0.5,
-                "no finite activations\n(the run diverged)",
-                ha="center",
-                va="center",
-                transform=axis.transAxes,
-            )
+            _diverged_panel(axis, "activations")
             continue
         values, contexts = values[finite], contexts[finite]
         edges = np.histogram_bin_edges(values, bins=HISTOGRAM_BINS)
@@ -305,6 +297,18 @@ def plot_activation_histograms(
     return _save(figure, path)
 
 
+def _diverged_panel(axis: Axes, what: str) -> None:
+    """A diverged run still gets its panel, saying why it is empty."""
+    axis.text(
+        0.5,
+        0.5,
+        f"no finite {what}\n(the run diverged)",
+        ha="center",
+        va="center",
+        transform=axis.transAxes,
+    )
+
+
 def _context_name(context: int, names: Sequence[str]) -> str:
     if context < 0:
         return "unknown context"
@@ -334,14 +338,7 @@ def plot_feature_projection(
         axis.set_yticks([])
         finite = np.isfinite(features).all(1)
         if not finite.any():
-            axis.text(
-                0.5,
-                0.5,
-                "no finite features\n(the run diverged)",
-                ha="center",
-                va="center",
-                transform=axis.transAxes,
-            )
+            _diverged_panel(axis, "features")
             continue
         features, contexts = features[finite], contexts[finite]
         points = _project(features, method, seed)
