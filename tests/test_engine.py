@@ -220,6 +220,9 @@ def test_a_resumed_run_continues_its_checkpoint_exactly_and_finished_runs_are_re
 
     record = read_result(resumed, "cn", 0)
     assert record["resumed_after_epochs"] == 1
+    # One checkpoint file per run: its latest epoch, rewritten in place.
+    checkpoints = resumed.results_dir / "runs" / "cn" / "seed-0" / "checkpoints"
+    assert [path.name for path in checkpoints.iterdir()] == ["last.ckpt"]
     assert [entry["epoch"] for entry in record["history"]] == [0, 1]
     reference = read_result(uninterrupted, "cn", 0)
     assert record["test"] == reference["test"]

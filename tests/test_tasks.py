@@ -6,11 +6,13 @@ import json
 import textwrap
 
 import pytest
+import torch
 
+import contextnorm as cn
 from contextnorm.cli import main
-from contextnorm.config import ConfigError
+from contextnorm.config import ConfigError, TrainConfig
 from contextnorm.runner import load_results, prepare_experiment, run_experiment
-from contextnorm.tasks import TASKS, build_task
+from contextnorm.tasks import TASKS, TaskModule, build_task
 from contextnorm.tasks.classification import ClassificationTask
 
 import regression_task
@@ -120,3 +122,19 @@ def test_list_shows_the_tasks(capsys) -> None:
     assert "tasks (`task.name` in a config):" in output
     assert "  classification " in output
     assert "  digit-regression " in output and regression_task.DigitRegression.__doc__ in output
+
+
+def test_a_module_keeps_no_context_apart_from_an_unknown_context() -> None:
+    torch.manual_seed(0)
+    layer = cn.ContextNorm(3, num_contexts=2)
+    module = TaskModule(
+        torch.nn.Sequential(torch.nn.Conv2d(1, 3, 1), layer), [layer], TrainConfig()
+    )
+    images = torch.randn(4, 1, 5, 5)
+    module(images, torch.tensor([0, 1, 0, 1]))  # training statistics for both contexts
+    module.eval()
+    assert module.uses_context
+    unknown = module(images, None)
+    assert torch.equal(unknown, module(images, torch.full((4,), -1)))
+    with pytest.raises(RuntimeError, match="ran without a context"):
+        module(images)
