@@ -137,7 +137,6 @@ def run_single(task: Task, index: int, seed: int, progress: Progress) -> RunOutc
             seed=seed,
             selection=task.selection,
             callbacks=[history, interrupts, *progress.callbacks(title, shown)],
-            num_train_batches=_batches_hint(datamodule),
             progress_bar=progress.mode == "bar",
         )
         try:
@@ -197,14 +196,6 @@ def _shown_metrics(task: Task) -> list[str]:
     """The epoch metrics the progress display shows: the curves, then the selection metric."""
     keys = [spec.key for spec in task.describe().curves]
     return keys if task.selection.metric in keys else [*keys, task.selection.metric]
-
-
-def _batches_hint(datamodule: L.LightningDataModule) -> int:
-    """Batches per training epoch when the data module can tell cheaply, for the log interval."""
-    try:
-        return max(1, len(datamodule.train_dataloader()))
-    except TypeError:
-        return 1
 
 
 def _resume_point(run_dir: Path, settings: Settings) -> Path | None:

@@ -15,7 +15,7 @@ from contextnorm.tasks import Selection
 
 CHECKPOINT_FOLDER = "checkpoints"
 CHECKPOINT_NAME = "last"
-DEFAULT_LOG_INTERVAL = 50
+LOG_INTERVAL = 50
 
 
 def last_checkpoint(run_dir: Path) -> Path:
@@ -30,7 +30,6 @@ def build_trainer(
     seed: int,
     selection: Selection,
     callbacks: Sequence[L.Callback],
-    num_train_batches: int,
     progress_bar: bool,
 ) -> L.Trainer:
     """A Trainer for one (method, seed) run writing into ``run_dir``.
@@ -46,7 +45,6 @@ def build_trainer(
         seed: the run's seed.
         selection: the task's metric that selects and stops.
         callbacks: the runner's own callbacks (history, progress, interrupts).
-        num_train_batches: batches per training epoch, to fit the logging interval.
         progress_bar: whether one of ``callbacks`` is a progress bar.
     """
     every: list[L.Callback] = [
@@ -79,6 +77,7 @@ def build_trainer(
         enable_model_summary=False,
         # A sanity check draws from the random state before the first epoch: no exact resume.
         num_sanity_val_steps=0,
-        log_every_n_steps=max(1, min(DEFAULT_LOG_INTERVAL, num_train_batches)),
+        # Tasks log per epoch; the interval only spaces out per-step values a task may add.
+        log_every_n_steps=LOG_INTERVAL,
         default_root_dir=run_dir,
     )

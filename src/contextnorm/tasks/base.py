@@ -108,6 +108,20 @@ class Task(ABC):
     processes (torchmetrics objects, and values logged with ``sync_dist=True``); the runner
     writes every file from the main process, and calls :meth:`save_artifacts` there only.
 
+    Building blocks a task may use: :mod:`contextnorm.tasks.data` (the configured splits,
+    contexts fitted and checked, loaders of (image, label, context) batches),
+    :func:`~contextnorm.tasks.network.build_network` and
+    :func:`~contextnorm.tasks.network.norm_factory` (a method's norm in a registered model or
+    in a task's own network), :func:`~contextnorm.tasks.module.build_optimizer` and
+    :func:`~contextnorm.tasks.module.build_scheduler` (``train:``'s optimiser and schedule;
+    a GAN's module sets ``automatic_optimization = False`` and builds one per network, e.g.
+    with ``betas=(0.5, 0.999)``), :class:`~contextnorm.tasks.preprocess.BatchPreprocess`
+    (kornia augmentation on the device). A method may carry contexts of its own
+    (``config.methods[index].contexts``, ``None`` for the experiment's). Per-run images a
+    task writes in :meth:`save_artifacts` and names in ``ReportSpec.run_images`` appear in the
+    report; per-epoch values (an FID, a gradient variance) become curves when
+    ``ReportSpec.curves`` names them.
+
     Attributes:
         config: the experiment's config.
         options: ``config.task.options`` read into :attr:`Options`.
