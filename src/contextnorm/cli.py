@@ -15,6 +15,7 @@ to change), 130 when interrupted with Ctrl-C (the message says what is saved and
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -44,6 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as interrupt:
         print(_interrupted(interrupt, arguments_list), file=sys.stderr)
         return INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`contextnorm list | head`): stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:

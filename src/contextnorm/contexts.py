@@ -267,7 +267,7 @@ class GMMContexts(_ClusterContexts):
     the mixture starts from k-means++ seeds.
     """
 
-    title: ClassVar[str] = "GMM component"
+    title: ClassVar[str] = "GMM context"
     description: ClassVar[str] = (
         "the most probable component of each test image under the Gaussian mixture fitted to "
         "the training images (computed from the image alone, no label information)"

@@ -283,9 +283,15 @@ def plot_activation_histograms(
                     color="0.2",
                     linestyle=COMPONENT_STYLES[index % len(COMPONENT_STYLES)],
                     linewidth=1.2,
-                    label=f"component {index + 1}",
+                    label=f"fitted component {index + 1}",
                 )
-            axis.plot(grid, np.sum(densities, axis=0), color="black", linewidth=1.8, label="sum")
+            axis.plot(
+                grid,
+                np.sum(densities, axis=0),
+                color="black",
+                linewidth=1.8,
+                label="fitted mixture",
+            )
         axis.set_xlabel("activation")
         axis.set_ylabel("density")
         axis.legend(fontsize="x-small")
