@@ -167,9 +167,7 @@ def test_the_readme_walkthrough_from_images_and_a_spreadsheet_to_a_table(
     assert "contexts: domain, K = 2 (scanner-a, scanner-b)" in results
 
 
-def test_a_results_folder_of_an_earlier_version_says_how_to_regenerate_it(
-    tmp_path, capsys
-) -> None:
+def test_a_results_folder_of_an_earlier_version_says_how_to_regenerate_it(tmp_path, capsys) -> None:
     (tmp_path / "config.yaml").write_text("name: old\nmethods: [bn]\n")
     (tmp_path / "experiment.json").write_text('{"views": {"input": "context from input"}}')
     assert main(["report", str(tmp_path)]) == 2
