@@ -1,8 +1,9 @@
 """The papers' models, each taking a norm factory and a placement for the norm under test.
 
-* :class:`ShallowCNN`: the Mixture Normalization paper's Shallow CNN (004 Table IV).
-* :class:`DenseNet`, :func:`densenet40`, :func:`densenet100`: CIFAR DenseNets (002 Tables I-IV).
-* :class:`VisionTransformer`: the Keras example ViT (002 Table V, 000 Table 1).
+* :class:`ShallowCNN`: the Shallow CNN of Kalayeh & Shah 2019 (Faye et al. 2024a, Table IV).
+* :class:`DenseNet`, :func:`densenet40`, :func:`densenet100`: CIFAR DenseNets (Faye et al.
+  2024b, Tables I-IV).
+* :class:`VisionTransformer`: the Keras example ViT (Faye et al. 2024b, Table V; 2024c, Table 1).
 * :func:`build_model` / :data:`MODELS`: the same by name, for configs.
 """
 

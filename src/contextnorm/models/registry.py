@@ -1,4 +1,9 @@
-"""Models by name, for configs: ``build_model("densenet40", num_classes=100, ...)``."""
+"""Models by name, for configs: the :data:`MODELS` registry and ``build_model``.
+
+Register a model of your own with ``@MODELS.register("name")`` on a class or function that
+takes ``num_classes``, ``in_channels``, ``norm_layer`` (and, where it applies, ``image_size``,
+``placement`` and ``base_norm_layer``) besides its own size arguments.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +13,21 @@ from typing import Any
 
 from torch import nn
 
+from contextnorm.registry import Registry
+
 from .densenet import DenseNet, densenet40, densenet100
 from .placement import NormFactory, PlacementSpec
 from .shallow_cnn import ShallowCNN
 from .vit import VisionTransformer
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "shallow_cnn": ShallowCNN,
-    "densenet40": densenet40,
-    "densenet100": densenet100,
-    "densenet": DenseNet,
-    "vit": VisionTransformer,
-}
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+"""Models by name (``model.name`` in a config)."""
+
+MODELS.register("shallow_cnn", ShallowCNN, summary="Shallow CNN of the Mixture Normalization paper")
+MODELS.register("densenet40", densenet40, summary="DenseNet-40 (growth rate 12) for 32x32 images")
+MODELS.register("densenet100", densenet100, summary="DenseNet-100 (growth rate 12)")
+MODELS.register("densenet", DenseNet, summary="DenseNet of any depth (options: depth, ...)")
+MODELS.register("vit", VisionTransformer, summary="Vision Transformer of the Keras example")
 
 # Arguments build_model sets itself; they cannot come in as size arguments.
 _COMMON_ARGUMENTS = frozenset(
@@ -41,7 +49,7 @@ def build_model(
     """Build the model registered as ``name`` in :data:`MODELS`.
 
     Args:
-        name: one of ``MODELS`` ("shallow_cnn", "densenet40", "densenet100", "densenet", "vit").
+        name: a name registered in ``MODELS`` (``shallow_cnn``, ``densenet40``, ...).
         num_classes: number of output logits.
         in_channels: channels of the input images.
         image_size: side of the square input images; passed to the models that need it (the
@@ -57,9 +65,7 @@ def build_model(
     Raises:
         ValueError: for an unknown name, or an argument the model does not take.
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
-    builder = MODELS[name]
+    builder = MODELS.get(name)
     accepted = inspect.signature(builder).parameters
     arguments: dict[str, Any] = {
         "num_classes": num_classes,

@@ -1,4 +1,4 @@
-"""Callbacks and plugins that make runs resumable and their per-epoch history durable."""
+"""Callbacks and plugins of every run: durable history, exact resume, divergence, interrupts."""
 
 from __future__ import annotations
 
@@ -13,29 +13,41 @@ import numpy as np
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from contextnorm.io import atomic_write
-
-EpochRecord = dict[str, float]
+from contextnorm.metrics import EpochRecord
 
 
 class EpochHistory(L.Callback):
     """Keeps one record per finished epoch: every logged epoch metric and the epoch's wall time.
 
     The history is part of each checkpoint, so a resumed run continues it instead of starting
-    over, and the finished run's result carries the curves of all its epochs.
+    over, and the finished run's result carries the curves of all its epochs. An epoch whose
+    logged values are not all finite ends the run with a ``FloatingPointError``: the run has
+    diverged (its record is kept).
 
     Args:
         on_epoch: called with each new record (e.g. to print a progress line).
+        on_resume: called with the number of epochs restored, when the fit resumes a checkpoint.
 
     Attributes:
         records: one record per finished epoch, in order.
         resumed_after_epochs: how many records came from the checkpoint the run resumed from.
     """
 
-    def __init__(self, on_epoch: Callable[[EpochRecord], None] | None = None) -> None:
+    def __init__(
+        self,
+        on_epoch: Callable[[EpochRecord], None] | None = None,
+        on_resume: Callable[[int], None] | None = None,
+    ) -> None:
         self.records: list[EpochRecord] = []
         self.resumed_after_epochs = 0
         self.on_epoch = on_epoch
+        self.on_resume = on_resume
         self._epoch_start = math.nan
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The checkpoint, if any, is restored before on_fit_start.
+        if self.resumed_after_epochs and self.on_resume is not None:
+            self.on_resume(self.resumed_after_epochs)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = time.perf_counter()
@@ -52,6 +64,12 @@ class EpochHistory(L.Callback):
         self.records.append(record)
         if self.on_epoch is not None:
             self.on_epoch(record)
+        # After the record is kept: a diverged run's history shows the epoch it diverged in.
+        not_finite = sorted(name for name, value in record.items() if not math.isfinite(value))
+        if not_finite:
+            raise FloatingPointError(
+                f"{', '.join(not_finite)} not finite after epoch {trainer.current_epoch + 1}"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {"records": list(self.records)}
@@ -108,3 +126,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         save = super().save_checkpoint
         atomic_write(path, lambda temporary: save(checkpoint, temporary, storage_options))
+
+
+class InterruptWatch(L.Callback):
+    """Remembers that Lightning stopped a fit on Ctrl-C.
+
+    Lightning handles ``KeyboardInterrupt`` itself: it tears the fit down, ignores further
+    Ctrl-C presses and exits with ``SystemExit(1)``. The runner reads :attr:`interrupted` to
+    tell that exit from any other and to report what was saved.
+    """
+
+    def __init__(self) -> None:
+        self.interrupted = False
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            self.interrupted = True

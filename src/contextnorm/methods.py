@@ -1,9 +1,10 @@
-"""The normalization methods an experiment can compare, by name.
+"""The normalization methods an experiment can compare, by name: the :data:`METHODS` registry.
 
-Each registry entry turns a method name, the experiment's number of contexts K and the
-method's options into a *norm factory* ``num_features -> nn.Module`` that the models call at
-every place the tested norm goes. Options are checked against the layer's signature before
-anything is built, so a misspelt option fails with the list of valid ones.
+Each entry turns the experiment's number of contexts K and the method's options into a *norm
+factory* ``num_features -> nn.Module`` that the models call at every place the tested norm
+goes. Options are checked against the layer's signature before anything is built, so a
+misspelt option fails with the list of valid ones. Register a method of your own with
+``METHODS.register("name", NormMethod(layer, ...), summary="...")``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 import contextnorm as cn
 from contextnorm.config import ConfigError
+from contextnorm.registry import Registry
 
 
 class BatchNorm(nn.BatchNorm2d):
@@ -45,16 +47,12 @@ class NormMethod:
     """A registered normalization method.
 
     Attributes:
-        name: registry name used in configs.
-        summary: one line for ``contextnorm list``.
         layer: class or function ``layer(num_features, [K,] **options) -> nn.Module``.
         count_argument: the layer's argument that receives K (``num_contexts``,
             ``num_components``, ``num_modes``), or ``None`` for layers without one.
         fixed_options: options this entry sets itself (e.g. the ACN update mode).
     """
 
-    name: str
-    summary: str
     layer: Callable[..., nn.Module]
     count_argument: str | None = None
     fixed_options: Mapping[str, Any] = field(default_factory=dict)
@@ -88,7 +86,7 @@ class NormMethod:
         unknown = [key for key in options if key not in valid]
         if unknown:
             raise ConfigError(
-                f"{where}: method {self.name!r} has no option {unknown[0]!r}; "
+                f"{where}: the method has no option {unknown[0]!r}; "
                 f"valid options: {', '.join(valid)}"
             )
         arguments = {**self.fixed_options, **options}
@@ -107,54 +105,56 @@ class NormMethod:
         return build
 
 
-def _methods(*entries: NormMethod) -> dict[str, NormMethod]:
-    return {entry.name: entry for entry in entries}
+METHODS: Registry[NormMethod] = Registry("method")
+"""Normalization methods by name (``methods:`` in a config)."""
 
-
-METHODS: dict[str, NormMethod] = _methods(
-    NormMethod("bn", "BatchNorm (the baseline)", BatchNorm),
-    NormMethod("ln", "LayerNorm of convnets: GroupNorm with one group", layer_norm),
-    NormMethod(
-        "cn", "Context Normalization: batch statistics per context", cn.ContextNorm, "num_contexts"
-    ),
-    NormMethod("cnx", "CN-X: learned statistics per context", cn.ContextNormX, "num_contexts"),
-    NormMethod(
-        "cne", "CN-E: statistics from an encoding of the context", cn.ContextNormE, "num_contexts"
-    ),
-    NormMethod(
-        "acn",
-        "Adaptive Context Normalization: learned mixture, the layer's default update (online EM)",
-        cn.AdaptiveContextNorm,
-        "num_components",
-    ),
-    NormMethod(
-        "acn-momentum",
-        "Adaptive Context Normalization: learned mixture, momentum (online EM) updates",
-        cn.AdaptiveContextNorm,
-        "num_components",
-        {"update": "momentum"},
-    ),
-    NormMethod(
-        "acn-gradient",
-        "Adaptive Context Normalization: learned mixture, gradient updates",
-        cn.AdaptiveContextNorm,
-        "num_components",
-        {"update": "gradient"},
-    ),
-    NormMethod(
-        "mixnorm", "Mixture Normalization: EM on each batch", cn.MixtureNorm, "num_components"
-    ),
-    NormMethod("modenorm", "Mode Normalization: gated batch statistics", cn.ModeNorm, "num_modes"),
-    NormMethod(
-        "switchnorm", "Switchable Normalization: learned mix of BN, LN and IN", cn.SwitchNorm
-    ),
+METHODS.register("bn", NormMethod(BatchNorm), summary="BatchNorm (the baseline)")
+METHODS.register(
+    "ln", NormMethod(layer_norm), summary="LayerNorm of convnets: GroupNorm with one group"
 )
-
-
-def get_method(name: str, *, where: str = "method") -> NormMethod:
-    """The registry entry ``name``, or an error listing the registered methods."""
-    if name not in METHODS:
-        raise ConfigError(
-            f"{where}: unknown method {name!r}; registered methods: {', '.join(METHODS)}"
-        )
-    return METHODS[name]
+METHODS.register(
+    "cn",
+    NormMethod(cn.ContextNorm, "num_contexts"),
+    summary="Context Normalization: batch statistics per context",
+)
+METHODS.register(
+    "cnx",
+    NormMethod(cn.ContextNormX, "num_contexts"),
+    summary="CN-X: learned statistics per context",
+)
+METHODS.register(
+    "cne",
+    NormMethod(cn.ContextNormE, "num_contexts"),
+    summary="CN-E: statistics from an encoding of the context",
+)
+METHODS.register(
+    "acn",
+    NormMethod(cn.AdaptiveContextNorm, "num_components"),
+    summary="Adaptive Context Normalization: learned mixture, the layer's default update "
+    "(online EM)",
+)
+METHODS.register(
+    "acn-momentum",
+    NormMethod(cn.AdaptiveContextNorm, "num_components", {"update": "momentum"}),
+    summary="Adaptive Context Normalization: learned mixture, momentum (online EM) updates",
+)
+METHODS.register(
+    "acn-gradient",
+    NormMethod(cn.AdaptiveContextNorm, "num_components", {"update": "gradient"}),
+    summary="Adaptive Context Normalization: learned mixture, gradient updates",
+)
+METHODS.register(
+    "mixnorm",
+    NormMethod(cn.MixtureNorm, "num_components"),
+    summary="Mixture Normalization: EM on each batch",
+)
+METHODS.register(
+    "modenorm",
+    NormMethod(cn.ModeNorm, "num_modes"),
+    summary="Mode Normalization: gated batch statistics",
+)
+METHODS.register(
+    "switchnorm",
+    NormMethod(cn.SwitchNorm),
+    summary="Switchable Normalization: learned mix of BN, LN and IN",
+)
