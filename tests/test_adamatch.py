@@ -19,6 +19,7 @@ from contextnorm.models.wide_resnet import WideResNet
 from contextnorm.tasks.adamatch import (
     AdaMatchModule,
     AdaMatchSettings,
+    WeakStrongAugment,
     adamatch_loss,
     align_distribution,
     buffers_restored,
@@ -146,8 +147,13 @@ def test_total_loss_against_a_hand_computed_reference() -> None:
     target_weak = torch.tensor([[3.0, 0.0], [0.0, 0.2]], requires_grad=True)
     target_strong = torch.tensor([[0.0, 1.0], [1.0, 0.0]], requires_grad=True)
     terms = adamatch_loss(
-        source_weak, source_strong, torch.tensor([0]), target_weak, target_strong,
-        tau=0.9, target_weight=0.5,
+        source_weak,
+        source_strong,
+        torch.tensor([0]),
+        target_weak,
+        target_strong,
+        tau=0.9,
+        target_weight=0.5,
     )
     # Reference in plain Python.
     supervised = cross_entropy([2.0, 0.0], 0) + cross_entropy([1.0, 0.0], 0)
@@ -162,10 +168,13 @@ def test_total_loss_against_a_hand_computed_reference() -> None:
     mask = [max(row) >= threshold for row in aligned]
     assert mask == [True, False]  # 0.984 passes, 0.720 does not pass 0.793
     pseudo = [row.index(max(row)) for row in aligned]
-    unsupervised = sum(
-        cross_entropy(strong, label) * keep
-        for strong, label, keep in zip([[0.0, 1.0], [1.0, 0.0]], pseudo, mask, strict=True)
-    ) / 2
+    unsupervised = (
+        sum(
+            cross_entropy(strong, label) * keep
+            for strong, label, keep in zip([[0.0, 1.0], [1.0, 0.0]], pseudo, mask, strict=True)
+        )
+        / 2
+    )
     assert terms.source.item() == pytest.approx(supervised, rel=1e-6)
     assert terms.target.item() == pytest.approx(unsupervised, rel=1e-6)
     assert terms.total.item() == pytest.approx(supervised + 0.5 * unsupervised, rel=1e-6)
@@ -219,6 +228,30 @@ def test_what_the_combined_pass_means_for_each_norm(factory, interpolation_acts:
     assert torch.allclose(combined, alone, atol=1e-4) != interpolation_acts
 
 
+def test_weak_view_is_a_shift_and_strong_views_differ_per_image() -> None:
+    augment = WeakStrongAugment((8, 8), AdaMatchSettings())
+    image = torch.rand(1, 3, 8, 8)
+    batch = image.expand(16, -1, -1, -1).contiguous()
+    torch.manual_seed(0)
+    weak = augment.weak(batch)
+    # A shift by at most round(0.125 * 8) = 1 pixel with reflected borders: the centre 6x6
+    # of every weak view is a window of the original image.
+    windows = {
+        (dy, dx): image[0, :, 1 + dy : 7 + dy, 1 + dx : 7 + dx]
+        for dy in (-1, 0, 1)
+        for dx in (-1, 0, 1)
+    }
+    for view in weak:
+        assert any(torch.equal(view[:, 1:7, 1:7], window) for window in windows.values())
+    strong = augment.strong(batch)
+    assert strong.shape == batch.shape and strong.min() >= 0 and strong.max() <= 1
+    distinct = {tuple(view.flatten().tolist()) for view in strong}
+    assert len(distinct) == len(batch)
+    torch.manual_seed(0)
+    augment.weak(batch)
+    assert torch.equal(augment.strong(batch), strong)  # the global seed decides the views
+
+
 # --- the training module -------------------------------------------------------------------------
 
 
@@ -253,7 +286,9 @@ def tiny_setup(
     return module, data
 
 
-def fit(module: AdaMatchModule, data: DomainAdaptationDataModule, steps: int, **kwargs) -> L.Trainer:
+def fit(
+    module: AdaMatchModule, data: DomainAdaptationDataModule, steps: int, **kwargs
+) -> L.Trainer:
     trainer = L.Trainer(
         max_epochs=1,
         limit_train_batches=steps,
@@ -270,9 +305,7 @@ def fit(module: AdaMatchModule, data: DomainAdaptationDataModule, steps: int, **
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("norm", "placement"), [("bn", "all"), ("cn", "all"), ("cn", "input")]
-)
+@pytest.mark.parametrize(("norm", "placement"), [("bn", "all"), ("cn", "all"), ("cn", "input")])
 def test_adamatch_trains_with_finite_loss_and_records_gradient_variance(
     norm: str, placement: str
 ) -> None:
@@ -294,7 +327,10 @@ def test_adamatch_trains_with_finite_loss_and_records_gradient_variance(
         assert record[f"grad_variance/{domain}/max"] >= record[f"grad_variance/{domain}/mean"]
     results = trainer.test(module, data, verbose=False)
     assert [next(iter(r)).split("/")[1] for r in results] == [
-        "source", "target", "target_as_source", "target_unknown"
+        "source",
+        "target",
+        "target_as_source",
+        "target_unknown",
     ]
 
 
@@ -306,7 +342,11 @@ def test_source_only_trains_on_the_source_loss_alone() -> None:
     trainer = fit(module, data, steps=2, callbacks=[recorder])
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert "train/target_loss" not in trainer.callback_metrics
-    assert set(recorder.records[0]) == {"epoch", "grad_variance/source/max", "grad_variance/source/mean"}
+    assert set(recorder.records[0]) == {
+        "epoch",
+        "grad_variance/source/max",
+        "grad_variance/source/mean",
+    }
 
 
 @pytest.mark.slow
@@ -372,13 +412,19 @@ class ToyDomains(L.LightningModule):
 
 def test_gradient_variance_separates_the_domain_gradients_exactly() -> None:
     generator = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(4, 3, generator=generator), torch.randn(6, 3, generator=generator))
-               for _ in range(5)]
+    batches = [
+        (torch.randn(4, 3, generator=generator), torch.randn(6, 3, generator=generator))
+        for _ in range(5)
+    ]
     toy = ToyDomains(batches, weight=0.3)
     recorder = GradientVariance()
     L.Trainer(
-        max_epochs=1, callbacks=[recorder], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        max_epochs=1,
+        callbacks=[recorder],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     ).fit(toy)
     # Reference: each domain's gradient per step, computed directly.
     gradients: dict[str, list[torch.Tensor]] = {"source": [], "target": []}
@@ -388,8 +434,12 @@ def test_gradient_variance_separates_the_domain_gradients_exactly() -> None:
     (record,) = recorder.records
     for domain, values in gradients.items():
         variance = torch.stack(values).double().var(dim=0, unbiased=False)
-        assert record[f"grad_variance/{domain}/max"] == pytest.approx(float(variance.max()), rel=1e-5)
-        assert record[f"grad_variance/{domain}/mean"] == pytest.approx(float(variance.mean()), rel=1e-5)
+        assert record[f"grad_variance/{domain}/max"] == pytest.approx(
+            float(variance.max()), rel=1e-5
+        )
+        assert record[f"grad_variance/{domain}/mean"] == pytest.approx(
+            float(variance.mean()), rel=1e-5
+        )
 
 
 def test_gradient_variance_state_round_trips() -> None:
@@ -440,8 +490,8 @@ def test_settings_and_optimisation_are_checked_before_training() -> None:
         AdaMatchSettings(uratio=0)
     with pytest.raises(ValueError, match="tau must be in"):
         AdaMatchSettings(tau=1.2)
-    with pytest.raises(ValueError, match="randaugment_magnitude"):
-        AdaMatchSettings(randaugment_magnitude=30)
+    with pytest.raises(ValueError, match="randaugment_ops must be a positive integer"):
+        AdaMatchSettings(randaugment_ops=0)
     model = WideResNet(depth=10, widen_factor=1)
     preprocess = BatchPreprocess([0.5] * 3, [0.25] * 3, (8, 8), crop_flip=False)
     with pytest.raises(ValueError, match="schedule must be one of"):

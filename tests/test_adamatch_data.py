@@ -12,8 +12,7 @@ import scipy.io
 import torch
 from PIL import Image
 
-import contextnorm.data.mnist_m as mnist_m
-from contextnorm.data import ImageData, load_dataset
+from contextnorm.data import ImageData, load_dataset, mnist_m
 from contextnorm.data.mnist_m import (
     MNIST_M_STYLE_TITLE,
     SOURCE_DOMAIN,
@@ -262,9 +261,7 @@ def test_a_pair_without_target_or_with_mismatched_images_is_refused() -> None:
         DomainPair("x", ("a", "b"), pair.source_train, pair.source_test, empty, pair.target_test)
     grey = load_dataset("digits", None, "test", image_size=8)
     with pytest.raises(ValueError, match="one shape"):
-        DomainPair(
-            "x", ("a", "b"), pair.source_train, pair.source_test, pair.target_train, grey
-        )
+        DomainPair("x", ("a", "b"), pair.source_train, pair.source_test, pair.target_train, grey)
 
 
 def test_to_rgb_repeats_one_channel_and_refuses_two() -> None:
@@ -332,8 +329,10 @@ def test_data_module_batches_hold_both_domains() -> None:
 def test_data_module_refuses_a_setup_without_target_or_with_bad_domain_ids() -> None:
     pair = digits_domain_pair(image_size=8)
     views = evaluation_views(pair)
-    source_only = ContextSplit(pair.source_train, torch.zeros(len(pair.source_train), dtype=torch.long))
-    arguments = dict(source_batch_size=4, uratio=3, eval_batch_size=8)
+    source_only = ContextSplit(
+        pair.source_train, torch.zeros(len(pair.source_train), dtype=torch.long)
+    )
+    arguments = {"source_batch_size": 4, "uratio": 3, "eval_batch_size": 8}
     with pytest.raises(ValueError, match="no target samples"):
         DomainAdaptationDataModule(source_only, views, views, **arguments)
     bad = training_split(pair)
@@ -346,5 +345,10 @@ def test_data_module_refuses_a_setup_without_target_or_with_bad_domain_ids() -> 
         )
     with pytest.raises(ValueError, match="fewer than one batch"):
         DomainAdaptationDataModule(
-            training_split(pair), views, views, source_batch_size=10_000, uratio=1, eval_batch_size=8
+            training_split(pair),
+            views,
+            views,
+            source_batch_size=10_000,
+            uratio=1,
+            eval_batch_size=8,
         )

@@ -51,9 +51,7 @@ def to_rgb(data: ImageData) -> ImageData:
     if data.num_channels == RGB_CHANNELS:
         return data
     if data.num_channels != 1:
-        raise ValueError(
-            f"to_rgb needs 1- or 3-channel images; got {data.num_channels} channels"
-        )
+        raise ValueError(f"to_rgb needs 1- or 3-channel images; got {data.num_channels} channels")
     return replace(data, images=data.images.expand(-1, RGB_CHANNELS, -1, -1).contiguous())
 
 
@@ -173,9 +171,7 @@ def load_mnist_m_style(
 
 
 def _cache_key(digits: ImageData, photos: ImageData, seed: int, image_size: int | None) -> str:
-    digest = hashlib.sha256(
-        f"v{_CONSTRUCTION_VERSION}|seed={seed}|size={image_size}|".encode()
-    )
+    digest = hashlib.sha256(f"v{_CONSTRUCTION_VERSION}|seed={seed}|size={image_size}|".encode())
     for tensor in (digits.images, digits.labels, photos.images):
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.contiguous().numpy().tobytes())

@@ -122,8 +122,12 @@ class PairedDomainBatches(Sampler[list[int]]):
         )
         for step in range(steps):
             yield [
-                *source[step * self.source_batch_size : (step + 1) * self.source_batch_size].tolist(),
-                *target[step * self.target_batch_size : (step + 1) * self.target_batch_size].tolist(),
+                *source[
+                    step * self.source_batch_size : (step + 1) * self.source_batch_size
+                ].tolist(),
+                *target[
+                    step * self.target_batch_size : (step + 1) * self.target_batch_size
+                ].tolist(),
             ]
 
 
@@ -188,7 +192,9 @@ class DomainAdaptationDataModule(ContextDataModule):
         if isinstance(uratio, bool) or not isinstance(uratio, int) or uratio < 1:
             raise ValueError(f"uratio must be a positive integer, got {uratio!r}")
         self.val_views = dict(val_views)
-        self.sampler = PairedDomainBatches(source, target, source_batch_size, source_batch_size * uratio)
+        self.sampler = PairedDomainBatches(
+            source, target, source_batch_size, source_batch_size * uratio
+        )
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(

@@ -50,7 +50,11 @@ def plot_gradient_variance(
                 label=f"{method} (n = {len(runs)} seed{'s' if len(runs) > 1 else ''})",
             )
             axis.fill_between(
-                epochs, np.nanmin(values, 0), np.nanmax(values, 0), color=line.get_color(), alpha=0.2
+                epochs,
+                np.nanmin(values, 0),
+                np.nanmax(values, 0),
+                color=line.get_color(),
+                alpha=0.2,
             )
         name = domain_names[0] if domain == "source" else domain_names[1]
         axis.set_title(f"{domain} ({name}): {statistic} over weights")
