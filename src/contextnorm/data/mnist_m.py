@@ -1,15 +1,15 @@
 """Digit domain-adaptation data: an MNIST-M-style target built from MNIST and natural images,
 and the source/target pairs of the AdaMatch experiments.
 
-The papers' experiment adapts MNIST (source) to SVHN (target) (Faye et al., "Enhancing Neural
-Network Representations with Prior Knowledge-Based Normalization", arXiv:2403.16798 v3, 2024,
-Table VI). Where SVHN is not at hand, :func:`mnist_m_style_pair` builds a colour target the
-standard way of MNIST-M (Ganin and Lempitsky, "Unsupervised Domain Adaptation by
-Backpropagation", arXiv:1409.7495, 2015): each digit is blended with a patch cut at random from
-a natural photo, ``out = |patch - digit|`` per channel, so strokes invert the photo's colours
-and the background is the photo. MNIST-M proper takes its patches from BSDS500; here they come
-from CIFAR-10 (or any colour image set), so the domain is named
-:data:`MNIST_M_STYLE_TITLE` everywhere, never "MNIST-M".
+The papers' experiment adapts MNIST (source) to SVHN (target) (Faye, Azzag, Lebbah and Bouchaffra,
+"Enhancing Neural Network Representations with Prior Knowledge-Based Normalization",
+arXiv:2403.16798 v3, 2024, Table VI). Where SVHN is not at hand, :func:`mnist_m_style_pair` builds a
+colour target the standard way of MNIST-M (Ganin and Lempitsky, "Unsupervised Domain Adaptation by
+Backpropagation", arXiv:1409.7495, 2015): each digit is blended with a patch cut at random from a
+natural photo, ``out = |patch - digit|`` per channel, so strokes invert the photo's colours and the
+background is the photo. MNIST-M proper takes its patches from BSDS500; here they come from CIFAR-10
+(or any colour image set), so the domain is named :data:`MNIST_M_STYLE_TITLE` everywhere, never
+"MNIST-M".
 
 Every pair has the same layout: RGB images of one size, the ten digit classes, the source as
 domain :data:`SOURCE_DOMAIN` (0) and the target as :data:`TARGET_DOMAIN` (1).

@@ -5,8 +5,8 @@ pre-activation form that Berthelot et al., "AdaMatch: A Unified Approach to Semi
 Learning and Domain Adaptation", arXiv:2106.04732 (2021), and the Keras AdaMatch example
 ("Semi-supervision and domain adaptation with AdaMatch", keras.io/examples/vision/adamatch)
 train for digit domain adaptation; the context-normalization papers use that example's model
-(Faye et al., "Enhancing Neural Network Representations with Prior Knowledge-Based
-Normalization", arXiv:2403.16798 v3, 2024, Table VI).
+(Faye, Azzag, Lebbah and Bouchaffra, "Enhancing Neural Network Representations with Prior
+Knowledge-Based Normalization", arXiv:2403.16798 v3, 2024, Table VI).
 """
 
 from __future__ import annotations
@@ -72,7 +72,9 @@ class WideResNet(NormSiteModel):
 
     Placements: ``"all"`` replaces every norm site (the papers' text: "replacing the BN layers");
     ``"input"`` adds one tested norm on the input image and keeps BatchNorm elsewhere (the
-    authors' released AdaMatch code, and 004 §IV-E: "incorporated as initial layers");
+    context-normalization authors' released AdaMatch notebook, and Faye, Azzag and Lebbah,
+    "Cluster-Based Normalization Layer for Neural Networks", arXiv:2403.16798 v2, 2024,
+    Sec. IV-E: "incorporated as initial layers");
     ``"index:I,..."`` replaces the listed sites.
 
     Args:

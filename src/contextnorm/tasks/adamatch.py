@@ -1,10 +1,16 @@
 """Domain adaptation with AdaMatch, and the source-only baseline.
 
 AdaMatch: Berthelot, Roelofs, Sohn, Carlini and Kurakin, "AdaMatch: A Unified Approach to
-Semi-Supervised Learning and Domain Adaptation", arXiv:2106.04732 (2021), Section 3. Where the
+Semi-Supervised Learning and Domain Adaptation", arXiv:2106.04732 (2021), Section 3, whose
+paragraphs (random logit interpolation, distribution alignment, relative confidence threshold,
+loss function) the functions below cite by name, with their formulas written out. Where the
 paper is silent this follows the Keras example that the context-normalization papers trained
-("Semi-supervision and domain adaptation with AdaMatch", keras.io/examples/vision/adamatch),
-and departs from it where it is wrong (noted at each place).
+("Semi-supervision and domain adaptation with AdaMatch", Sayak Paul, 2021,
+keras.io/examples/vision/adamatch), and departs from it where it is wrong (noted at each place).
+The context-normalization experiment itself: Faye, Azzag, Lebbah and Bouchaffra, "Enhancing
+Neural Network Representations with Prior Knowledge-Based Normalization", arXiv:2403.16798 v3
+(2024), Sec. IV-A and Table VI (MNIST to SVHN, WRN, Adam at 0.03 with cosine decay, 100
+epochs, K = 2 domains as contexts).
 
 The pure functions below are the algorithm; :class:`AdaMatchModule` trains a model with them.
 Notation (paper Sec. 3): ``n_s`` labelled source images and ``n_t = uratio * n_s`` unlabelled
@@ -14,19 +20,21 @@ Domains are the contexts of the context layers (K = 2): every sample carries its
 :data:`SOURCE_DOMAIN` (0) or :data:`TARGET_DOMAIN` (1), and the model runs inside
 ``contextnorm.use_context(domain ids)``. What AdaMatch's passes mean for each layer:
 
-* AdaMatch runs the model twice per step (paper Eq. 1-2): once on the *combined* batch
+* AdaMatch runs the model twice per step: once on the *combined* batch
   (source and target, weak and strong), once on the source alone, and interpolates the two
-  source logits at random (Eq. 3), so that the network stops depending on whether its batch
+  source logits at random, so that the network stops depending on whether its batch
   statistics came from the source alone or from both domains.
 * BatchNorm, ModeNorm, MixNorm, ACN: batch statistics are pooled over both domains in the
   combined pass and over the source alone in the second pass, so the two source logits differ
   and the interpolation acts as the paper intends. The running estimates used at test time come
-  from the combined pass only (the second pass restores every buffer, as the authors' code does).
+  from the combined pass only (the second pass leaves every buffer as it was, as the AdaMatch
+  authors' code does).
 * CN: each domain is normalised with its own statistics in the combined pass, so the source
   samples see exactly the statistics of the source-only pass: with CN at every norm site the two
   source logits are equal and the interpolation does nothing (AdaMatch reduces to FixMatch with
-  distribution alignment and the relative threshold). With CN on the input only (the authors'
-  released code) the BatchNorm layers behind it still pool, and the interpolation acts there.
+  distribution alignment and the relative threshold). With CN on the input only (the
+  context-normalization authors' released AdaMatch notebook) the BatchNorm layers behind it
+  still pool, and the interpolation acts there.
   At test time each domain id selects its own running statistics.
 * CN-X, CN-E, LayerNorm: no batch statistics, so both passes give the same source logits.
 """
@@ -78,7 +86,7 @@ Batch = tuple[Tensor, Tensor, Tensor]
 
 
 def interpolate_logits(combined: Tensor, source_only: Tensor, weights: Tensor) -> Tensor:
-    """Random logit interpolation (AdaMatch Eq. 1-3): ``Z = lambda Z' + (1 - lambda) Z''``.
+    """AdaMatch's random logit interpolation: ``Z = lambda Z' + (1 - lambda) Z''``.
 
     Args:
         combined: ``Z'``, the source logits (2 n_s, k) of the pass over source and target.
@@ -97,14 +105,14 @@ def interpolate_logits(combined: Tensor, source_only: Tensor, weights: Tensor) -
 def align_distribution(
     target_probs: Tensor, source_marginal: Tensor, target_marginal: Tensor
 ) -> Tensor:
-    """Distribution alignment (AdaMatch Eq. 4): ``normalize(Y_T * E[Y_S] / E[Y_T])``.
+    """AdaMatch's distribution alignment: ``normalize(Y_T * E[Y_S] / E[Y_T])``.
 
     Each target row is reweighted class by class by the ratio of the source and target class
     marginals, then rescaled to sum to 1 (``normalize`` is the sum-to-one normalisation). The
     paper takes both marginals over the batch (``source_marginal = source_probs.mean(0)``); the
-    authors' code uses moving averages; either can be passed. The Keras example instead takes a
-    scalar ratio of the means over *all* entries (always 1) and an L2 normalisation, which
-    leaves rows off the simplex; that is not followed.
+    AdaMatch authors' code uses moving averages; either can be passed. The Keras example
+    instead takes a scalar ratio of the means over *all* entries (always 1) and an L2
+    normalisation, which leaves rows off the simplex; that is not followed.
 
     Args:
         target_probs: (n_t, k) softmax of the weakly augmented target logits.
@@ -133,7 +141,7 @@ def align_distribution(
 
 
 def relative_confidence_threshold(source_probs: Tensor, tau: float) -> Tensor:
-    """Relative confidence threshold (AdaMatch Eq. 5): ``c_tau = tau * mean_i max_j Y_S[i, j]``.
+    """AdaMatch's relative confidence threshold: ``c_tau = tau * mean_i max_j Y_S[i, j]``.
 
     The threshold scales with the model's confidence on the weakly augmented source images,
     so that pseudo-labels are accepted on a target where the model is less sure overall.
@@ -144,7 +152,8 @@ def relative_confidence_threshold(source_probs: Tensor, tau: float) -> Tensor:
 
 
 def warmup_weight(step: float, total_steps: float) -> float:
-    """Weight ``mu(t) = 1/2 - cos(min(pi, 2 pi t / T)) / 2`` of the target loss (AdaMatch Sec. 3).
+    """Weight ``mu(t) = 1/2 - cos(min(pi, 2 pi t / T)) / 2`` of the target loss (AdaMatch's loss
+    function paragraph; the Keras example's ``compute_mu``).
 
     Rises from 0 to 1 over the first half of training along a half cosine, then stays at 1.
     """
@@ -154,7 +163,8 @@ def warmup_weight(step: float, total_steps: float) -> float:
 
 
 def source_loss(weak_logits: Tensor, strong_logits: Tensor, labels: Tensor) -> Tensor:
-    """``L_source``: cross-entropy of the labels on both views, summed (AdaMatch Eq. 6)."""
+    """``L_source``: cross-entropy of the labels on both views, summed (AdaMatch's loss function;
+    the AdaMatch authors' code averages the two instead, which halves the source term)."""
     return F.cross_entropy(weak_logits, labels) + F.cross_entropy(strong_logits, labels)
 
 
@@ -189,7 +199,7 @@ def adamatch_loss(
     tau: float,
     target_weight: float,
 ) -> AdaMatchLoss:
-    """AdaMatch's loss from the step's logits (AdaMatch Eq. 4-7).
+    """AdaMatch's loss from the step's logits: alignment, threshold, ``L_source + mu L_target``.
 
     Args:
         source_weak, source_strong: (n_s, k) source logits, already interpolated.
@@ -201,8 +211,8 @@ def adamatch_loss(
     ``L_target = 1/n_t sum_i mask_i * H(argmax Y~_T[i], Z_T^s[i])``: the pseudo-labels, the
     alignment and the threshold carry no gradient (stop-gradient, as in the paper), the loss is
     averaged over all n_t target samples, masked ones counting zero. The pseudo-label is the arg
-    max of the aligned distribution, as in the authors' code and FixMatch (the Keras example
-    uses the soft aligned rows as targets).
+    max of the aligned distribution, as in the AdaMatch authors' code and FixMatch (the Keras
+    example uses the soft aligned rows as targets).
     """
     with torch.no_grad():
         source_probs = source_weak.float().softmax(dim=1)
@@ -227,7 +237,7 @@ def adamatch_loss(
 def cosine_decay(step: int, total_steps: int, final_fraction: float) -> float:
     """Learning-rate factor decaying along a half cosine from 1 to ``final_fraction`` at
     ``total_steps`` and staying there (Keras ``CosineDecay(lr, T, alpha=final_fraction)``, the
-    papers' schedule with alpha 0.25, the same end point as the authors' AdaMatch code)."""
+    papers' schedule with alpha 0.25, the same end point as the AdaMatch authors' code)."""
     progress = min(step, total_steps) / total_steps
     return final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -267,13 +277,13 @@ class AdaMatchSettings:
     Attributes:
         method: ``"adamatch"`` or ``"source_only"``: the labelled-source loss alone; the
             target images still pass through the network with the source (their batch
-            statistics count), as in the authors' AdaMatch baseline, but carry no loss.
+            statistics count), as in the AdaMatch authors' baseline, but carry no loss.
         source_batch_size: ``n_s``, labelled source images per step (64: paper, Keras).
-        uratio: ``n_t / n_s``, unlabelled target images per source image (3: paper Sec. 3.2,
+        uratio: ``n_t / n_s``, unlabelled target images per source image (3: paper,
             Keras).
-        tau: relative confidence ratio (0.9: paper, authors' code, Keras).
+        tau: relative confidence ratio (0.9: paper, AdaMatch authors' code, Keras).
         final_lr_fraction: the cosine schedule ends at this share of the initial learning rate
-            (0.25: Keras ``CosineDecay(0.03, T, 0.25)``, authors' ``lr_decay``).
+            (0.25: Keras ``CosineDecay(0.03, T, 0.25)``, AdaMatch authors' ``lr_decay``).
         translate: weak augmentation: random shift of up to this share of the image side,
             borders reflected (0.125: FixMatch/AdaMatch's weak flip-and-shift).
         flip: weak augmentation also flips horizontally with probability 0.5. Off for
@@ -282,7 +292,8 @@ class AdaMatchSettings:
         randaugment_ops: strong augmentation: RandAugment operations per image (2: Keras,
             FixMatch).
         cutout: strong augmentation ends with a grey square over up to a quarter of the image
-            (the authors' code appends cutout to every strong augmentation; Keras does not).
+            (the AdaMatch authors' code appends cutout to every strong augmentation; Keras
+            does not).
     """
 
     method: str = ADAMATCH
@@ -376,9 +387,9 @@ class WeakStrongAugment(nn.Module):
 
 def evaluation_metrics(num_classes: int) -> MetricCollection:
     """The classification metrics (accuracy, macro precision/recall/F1, top-5), plus precision,
-    recall and F1 averaged with class-frequency weights: what the authors' evaluation computed
-    (scikit-learn ``average='weighted'``), so that their Table VI can be read against ours;
-    weighted recall equals accuracy."""
+    recall and F1 averaged with class-frequency weights: what the context-normalization authors'
+    evaluation computed (scikit-learn ``average='weighted'``), so that their Table VI can be
+    read against ours; weighted recall equals accuracy."""
     metrics = classification_metrics(num_classes)
     metrics.add_metrics(
         {
@@ -405,8 +416,8 @@ class AdaMatchModule(ContextModule):
 
     Optimisation: ``optimization.optimizer`` ``"adam"`` (the papers: Adam, learning rate 0.03),
     ``"adamw"`` or ``"sgd"`` (Nesterov; the AdaMatch paper's choice), with
-    ``optimization.weight_decay`` on conv and linear weights only (the Keras example's L2
-    kernel regularisers and the authors' code decay those alone; a decayed CN-X ``sigma`` or
+    ``optimization.weight_decay`` on conv and linear weights only (the Keras example's L2 kernel
+    regularisers and the AdaMatch authors' code decay those alone; a decayed CN-X ``sigma`` or
     per-context gain would be pulled away from what it estimates). ``optimization.schedule``
     ``"cosine"`` decays the rate per step to ``settings.final_lr_fraction`` of it
     (:func:`cosine_decay`), ``"constant"`` keeps it.

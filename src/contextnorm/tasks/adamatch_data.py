@@ -1,12 +1,12 @@
 """Batches for domain adaptation: every sample carries its domain id, and every training batch
 holds a fixed number of source samples followed by ``uratio`` times as many target samples.
 
-An epoch is one pass over the labelled source (``len(source) // n_s`` steps, the Keras
-example's and the authors' step count); the target is drawn in fresh random orders, as many as
-the epoch needs, so neither domain is cut short (the Keras example zips the two data sets and so
-ends each epoch when the shorter one runs out, 381 of its 937 scheduled steps for SVHN). All
-orders come from torch's global generator, which the training loop reseeds per epoch, so a
-resumed run draws the same batches.
+An epoch is one pass over the labelled source (``len(source) // n_s`` steps, the Keras example's and
+the context-normalization authors' step count); the target is drawn in fresh random orders, as many
+as the epoch needs, so neither domain is cut short (the Keras example zips the two data sets and so
+ends each epoch when the shorter one runs out, 381 of its 937 scheduled steps for SVHN). All orders
+come from torch's global generator, which the training loop reseeds per epoch, so a resumed run
+draws the same batches.
 """
 
 from __future__ import annotations
@@ -27,9 +27,11 @@ VIEW_DESCRIPTIONS: dict[str, str] = {
     "source": "source test images with the source id (0)",
     "target": "target test images with their true domain id (1)",
     "target_as_source": (
-        "target test images all given the source id (0): the authors' released evaluation, where "
-        "a context was passed at all (004 §IV-E: 'considering the cluster identifier of the "
-        "source domain during inference')"
+        "target test images all given the source id (0): what the context-normalization "
+        "authors' released evaluation does, where a context was passed at all (Faye, Azzag and "
+        "Lebbah, 'Cluster-Based Normalization Layer for Neural Networks', arXiv:2403.16798 v2, "
+        "2024, Sec. IV-E: 'considering the cluster identifier of the source domain during "
+        "inference')"
     ),
     "target_unknown": (
         "target test images with an unknown domain (-1): context layers use their posterior "

@@ -1,8 +1,8 @@
 """Per-epoch variance of the gradients of each domain's loss, the measurement behind the
-"gradient variance evolution" figure of Faye et al.'s slides ("Context Normalization Layer with
-Applications", 2023: AdaMatch vs AdaMatch + CN, source and target, max and mean per epoch) and
-of "Cluster-Based Normalization Layer for Neural Networks" (arXiv:2403.16798 v1-v2, 2024,
-Fig. 12).
+"gradient variance evolution" figures: Faye, Azzag, Lebbah, Dilmi and Bouchaffra, "Context
+Normalization Layer with Applications" (slides, December 2023: AdaMatch vs AdaMatch + CN,
+source and target, max and mean per epoch), and Faye, Azzag and Lebbah, "Cluster-Based
+Normalization Layer for Neural Networks", arXiv:2403.16798 v1-v2 (2024), Fig. 12.
 
 The sources do not define the quantity; this module measures the following.
 
