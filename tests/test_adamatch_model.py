@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 from torch import nn
 
 import contextnorm as cn
-from contextnorm.models.wide_resnet import WideResNet, wrn28_2
+from contextnorm.models.wide_resnet import WideResNet
 
 
 def group_norm(num_features: int) -> nn.Module:
@@ -20,8 +18,8 @@ def tiny(**kwargs) -> WideResNet:
     return WideResNet(depth=10, widen_factor=1, **kwargs)
 
 
-def test_wrn28_2_has_the_published_size_and_norm_sites() -> None:
-    model = wrn28_2(num_classes=10)
+def test_the_default_is_wrn28_2_with_the_published_size_and_norm_sites() -> None:
+    model = WideResNet(num_classes=10)
     # 1,467,610 is the WRN-28-2 of AdaMatch/FixMatch with BatchNorm and 10 classes.
     assert sum(p.numel() for p in model.parameters()) == 1_467_610
     assert model.num_norm_sites == 4 * 3 * 2 + 1
@@ -104,9 +102,3 @@ def test_gradient_reaches_every_parameter() -> None:
     model(torch.randn(4, 3, 8, 8)).square().sum().backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.any()]
     assert missing == []
-
-
-def test_preset_signature_exposes_the_size_arguments_but_not_the_fixed_ones() -> None:
-    parameters = inspect.signature(wrn28_2).parameters
-    assert "depth" not in parameters and "widen_factor" not in parameters
-    assert {"num_classes", "in_channels", "drop_rate", "norm_layer", "placement"} <= set(parameters)

@@ -11,9 +11,6 @@ Knowledge-Based Normalization", arXiv:2403.16798 v3, 2024, Table VI).
 
 from __future__ import annotations
 
-import inspect
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -67,8 +64,9 @@ class WideResNet(NormSiteModel):
 
     Each group has ``(depth - 4) / 6`` blocks of widths 16k, 32k and 64k (strides 1, 2, 2);
     every block holds two norm sites, and the final norm before the pooling is one more, so
-    WRN-28-2 has 25 norm sites and 1,467,610 parameters with BatchNorm and 10 classes (the
-    AdaMatch/FixMatch count). ReLU and He-normal conv initialisation follow the Keras example.
+    WRN-28-2, the default, has 25 norm sites and 1,467,610 parameters with BatchNorm and 10
+    classes (the AdaMatch/FixMatch count); smaller ``depth`` and ``widen_factor`` give the
+    reduced models. ReLU and He-normal conv initialisation follow the Keras example.
 
     Placements: ``"all"`` replaces every norm site (the papers' text: "replacing the BN layers");
     ``"input"`` adds one tested norm on the input image and keeps BatchNorm elsewhere (the
@@ -149,21 +147,3 @@ class WideResNet(NormSiteModel):
         """Class logits (N, num_classes) for images (N, in_channels, H, W)."""
         features = self.blocks(self.stem(self.input_norm(images)))
         return self.classifier(self.head(self.final_norm(features)))
-
-
-def wrn28_2(**kwargs: Any) -> WideResNet:
-    """WRN-28-2, the AdaMatch model: ``WideResNet(depth=28, widen_factor=2, **kwargs)``."""
-    return WideResNet(depth=28, widen_factor=2, **kwargs)
-
-
-# The registry checks size arguments against the builder's signature: expose WideResNet's
-# arguments, minus the two this preset fixes.
-_FULL_SIGNATURE = inspect.signature(WideResNet)
-wrn28_2.__signature__ = _FULL_SIGNATURE.replace(  # type: ignore[attr-defined]
-    parameters=[
-        parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-        for name, parameter in _FULL_SIGNATURE.parameters.items()
-        if name not in ("depth", "widen_factor")
-    ],
-    return_annotation=WideResNet,
-)

@@ -70,8 +70,12 @@ ADAMATCH = "adamatch"
 SOURCE_ONLY = "source_only"
 DA_METHODS = (ADAMATCH, SOURCE_ONLY)
 NUM_DOMAINS = 2
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("cosine", "constant")
+DA_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+}
+DA_SCHEDULES = ("cosine", "constant")
 # The RandAugment operations are kornia's default policy; the magnitude argument of its
 # constructor does not matter here, since each operation is applied with magnitudes drawn from
 # its own range (see WeakStrongAugment).
@@ -452,14 +456,14 @@ class AdaMatchModule(ContextModule):
                 "AdaMatch applies its own weak and strong augmentation: build the BatchPreprocess "
                 "with crop_flip=False"
             )
-        if optimization.optimizer not in OPTIMIZERS:
+        if optimization.optimizer not in DA_OPTIMIZERS:
             raise ValueError(
-                f"optimizer must be one of {OPTIMIZERS} for domain adaptation, got "
+                f"optimizer must be one of {tuple(DA_OPTIMIZERS)} for domain adaptation, got "
                 f"{optimization.optimizer!r}"
             )
-        if optimization.schedule not in SCHEDULES:
+        if optimization.schedule not in DA_SCHEDULES:
             raise ValueError(
-                f"schedule must be one of {SCHEDULES} for domain adaptation (the papers decay "
+                f"schedule must be one of {DA_SCHEDULES} for domain adaptation (the papers decay "
                 f"per step along a cosine), got {optimization.schedule!r}"
             )
         _check_domain_layers(model)
@@ -609,15 +613,12 @@ class AdaMatchModule(ContextModule):
             {"params": decayed, "weight_decay": settings.weight_decay},
             {"params": kept, "weight_decay": 0.0},
         ]
-        optimizer: torch.optim.Optimizer
-        if settings.optimizer == "adam":
-            optimizer = torch.optim.Adam(groups, lr=settings.lr)
-        elif settings.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=settings.lr)
-        else:
-            optimizer = torch.optim.SGD(
-                groups, lr=settings.lr, momentum=settings.momentum, nesterov=settings.momentum > 0
-            )
+        extra = (
+            {"momentum": settings.momentum, "nesterov": settings.momentum > 0}
+            if settings.optimizer == "sgd"
+            else {}
+        )
+        optimizer = DA_OPTIMIZERS[settings.optimizer](groups, lr=settings.lr, **extra)
         if settings.schedule == "constant":
             return optimizer
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
