@@ -103,22 +103,24 @@ class DataConfig:
     augment: str = "auto"
     options: dict[str, Any] = field(default_factory=dict)
 
-    def check(self) -> None:
+    def check(self, key: str = "data") -> None:
+        """Check the values; messages name them under ``key`` (``data``, or a task's second
+        data set such as ``task.options.target``)."""
         _require(
             0.0 <= self.val_fraction < 1.0,
-            "data.val_fraction",
+            f"{key}.val_fraction",
             "must be in [0, 1)",
             self.val_fraction,
         )
-        for key in ("image_size", "train_samples", "test_samples"):
-            value = getattr(self, key)
+        for name in ("image_size", "train_samples", "test_samples"):
+            value = getattr(self, name)
             _require(
                 value is None or value >= 1,
-                f"data.{key}",
+                f"{key}.{name}",
                 "must be a positive integer or null",
                 value,
             )
-        _require_choice("data.augment", self.augment, AUGMENTATIONS)
+        _require_choice(f"{key}.augment", self.augment, AUGMENTATIONS)
 
 
 @dataclass

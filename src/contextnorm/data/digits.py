@@ -72,8 +72,19 @@ def load_digits_domains(split: str, image_size: int | None = None) -> ImageData:
     )
 
 
-def _read_digits(directory: Path | None, split: str, image_size: int | None) -> ImageData:
-    return load_digits_domains(split, image_size)
+def _read_digits(
+    directory: Path | None, split: str, image_size: int | None, domain: str | None = None
+) -> ImageData:
+    data = load_digits_domains(split, image_size)
+    if domain is None:
+        return data
+    if domain not in DIGITS_DOMAIN_NAMES:
+        raise ValueError(
+            f"domain must be one of {', '.join(DIGITS_DOMAIN_NAMES)} (or unset for both); "
+            f"got {domain!r}."
+        )
+    # One domain alone, e.g. the source or the target of a domain-adaptation experiment.
+    return data.subset(data.domains == DIGITS_DOMAIN_NAMES.index(domain))
 
 
 DIGITS = DatasetFormat(

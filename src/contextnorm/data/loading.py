@@ -11,6 +11,7 @@ from contextnorm.data import formats
 from contextnorm.data.digits import DIGITS
 from contextnorm.data.files import default_data_root, ensure_files
 from contextnorm.data.image_data import ImageData
+from contextnorm.data.mnist_m import MNIST_M_STYLE
 from contextnorm.registry import Registry
 
 DATASETS: Registry[formats.DatasetFormat] = Registry("data set")
@@ -36,6 +37,12 @@ DATASETS.register(
     formats.IMAGE_FOLDER,
     summary="your images: root/{train,test}/<class>/<image>, domains from a CSV file",
 )
+DATASETS.register(
+    "mnist-m-style",
+    MNIST_M_STYLE,
+    summary="MNIST blended with patches of a colour photo set (root: e.g. a CIFAR-10 image "
+    "folder); a domain-adaptation target",
+)
 
 # The arguments every reader takes; what follows them are the data set's own options.
 _READ_ARGUMENTS = 3
@@ -57,6 +64,7 @@ def load_dataset(
 
             * ``"digits"``: the embedded default, scikit-learn's 8x8 handwritten digits in two
               visual domains (see ``contextnorm.data.digits``); needs no files, ``root`` is ignored.
+              The option ``domain`` (``"original"`` or ``"inverted"``) keeps one domain.
             * ``"mnist"``: the four IDX files (``train-images-idx3-ubyte.gz`` ...
               ``t10k-labels-idx1-ubyte.gz``, gzip-compressed or not) directly in ``root``.
             * ``"cifar10"`` / ``"cifar100"``: ``root/cifar-10-batches-py/`` and
@@ -73,6 +81,10 @@ def load_dataset(
             * ``"image-folder"``: ``root/<split>/<class>/<image>`` when ``root/train`` or
               ``root/test`` exists, else ``root/<class>/<image>`` as a train split only.
               Greyscale stays one channel unless some image is in colour.
+            * ``"mnist-m-style"``: MNIST digits blended with patches of the photos in ``root``
+              (a CIFAR-10 image folder, or any colour data set named by the option
+              ``photo_format``), built once and cached (see ``contextnorm.data.mnist_m``);
+              options ``mnist_root`` and ``seed``. 28x28 unless ``image_size`` is set.
 
             Decoded JPEG/PNG sets (Tiny ImageNet, Pet, image folder) are cached as tensors
             (see ``contextnorm.data.decode``).

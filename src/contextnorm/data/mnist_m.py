@@ -1,18 +1,12 @@
-"""Digit domain-adaptation data: an MNIST-M-style target built from MNIST and natural images,
-and the source/target pairs of the AdaMatch experiments.
+"""An MNIST-M-style domain: MNIST digits blended with patches of natural colour photos.
 
-The papers' experiment adapts MNIST (source) to SVHN (target) (Faye, Azzag, Lebbah and Bouchaffra,
-"Enhancing Neural Network Representations with Prior Knowledge-Based Normalization",
-arXiv:2403.16798 v3, 2024, Table VI). Where SVHN is not at hand, :func:`mnist_m_style_pair` builds a
-colour target the standard way of MNIST-M (Ganin and Lempitsky, "Unsupervised Domain Adaptation by
-Backpropagation", arXiv:1409.7495, 2015): each digit is blended with a patch cut at random from a
-natural photo, ``out = |patch - digit|`` per channel, so strokes invert the photo's colours and the
-background is the photo. MNIST-M proper takes its patches from BSDS500; here they come from CIFAR-10
-(or any colour image set), so the domain is named :data:`MNIST_M_STYLE_TITLE` everywhere, never
-"MNIST-M".
-
-Every pair has the same layout: RGB images of one size, the ten digit classes, the source as
-domain :data:`SOURCE_DOMAIN` (0) and the target as :data:`TARGET_DOMAIN` (1).
+The papers adapt MNIST (source) to SVHN (target) (Faye et al. 2024b, Table VI). Where SVHN is
+not at hand, the data set ``mnist-m-style`` builds a colour target the way MNIST-M is built
+(Ganin & Lempitsky 2015): each digit is blended with a patch cut at random from a natural
+photo, ``out = |patch - digit|`` per channel, so strokes invert the photo's colours and the
+background is the photo. MNIST-M proper takes its patches from BSDS500; here they come from
+CIFAR-10 (or any colour image set), so the domain is named :data:`MNIST_M_STYLE_TITLE`
+everywhere, never "MNIST-M".
 """
 
 from __future__ import annotations
@@ -21,24 +15,21 @@ import hashlib
 import logging
 import os
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from contextnorm.data.decode import resize_images
-from contextnorm.data.digits import DIGITS_DOMAIN_NAMES, load_digits_domains
 from contextnorm.data.files import default_data_root
+from contextnorm.data.formats import DatasetFormat
 from contextnorm.data.image_data import ImageData
-from contextnorm.data.loading import load_dataset
 from contextnorm.io import atomic_write
 
 log = logging.getLogger(__name__)
 
-SOURCE_DOMAIN = 0
-TARGET_DOMAIN = 1
 MNIST_M_STYLE_TITLE = "MNIST-M-style (MNIST blended with CIFAR-10 patches)"
-DEFAULT_IMAGE_SIZE = 32
 RGB_CHANNELS = 3
 # Bump when the construction changes, so that caches of the old one are not reused.
 _CONSTRUCTION_VERSION = 1
@@ -100,7 +91,7 @@ def blend_with_patches(digits: torch.Tensor, photos: torch.Tensor, seed: int) ->
 
 
 def build_mnist_m_style(
-    digits: ImageData, photos: ImageData, seed: int, image_size: int | None = DEFAULT_IMAGE_SIZE
+    digits: ImageData, photos: ImageData, seed: int, image_size: int | None = None
 ) -> ImageData:
     """The MNIST-M-style images of ``digits`` (labels kept), blended at the digits' own size
     with patches of ``photos``, then resized to ``image_size`` (``None`` keeps it).
@@ -120,10 +111,10 @@ def load_mnist_m_style(
     split: str,
     photo_root: str | os.PathLike,
     *,
-    photo_dataset: str = "image-folder",
+    photo_format: str = "image-folder",
     mnist_root: str | os.PathLike | None = None,
     seed: int = 0,
-    image_size: int | None = DEFAULT_IMAGE_SIZE,
+    image_size: int | None = None,
     cache: bool = True,
 ) -> ImageData:
     """The ``split`` of the MNIST-M-style domain: MNIST's ``split`` blended with patches of the
@@ -133,8 +124,8 @@ def load_mnist_m_style(
         split: ``"train"`` or ``"test"``.
         photo_root: the photo data set's folder, e.g. a CIFAR-10 image folder holding
             ``train/<class>/*.jpg`` and ``test/<class>/*.jpg``.
-        photo_dataset: how to read it: any colour data set of ``load_dataset``
-            (``"image-folder"``, ``"cifar10"``, ...).
+        photo_format: how to read it: any registered colour data set (``"image-folder"``,
+            ``"cifar10"``, ...).
         mnist_root: the MNIST IDX files; ``None`` is ``default_data_root() / "mnist"``.
         seed: the construction's seed (each split draws from its own stream of it).
         image_size: side of the returned images; the blend itself runs at MNIST's 28x28.
@@ -143,8 +134,11 @@ def load_mnist_m_style(
             inputs load them instead of rebuilding, and get byte-identical images even if the
             resizing code of a later library version changes.
     """
+    # The registry lists this data set, so it is imported here, when a split is built.
+    from contextnorm.data.loading import load_dataset
+
     digits = load_dataset("mnist", mnist_root, split)
-    photos = load_dataset(photo_dataset, photo_root, split)
+    photos = load_dataset(photo_format, photo_root, split)
     split_seed = int(np.random.SeedSequence([seed, _SPLIT_STREAMS[split]]).generate_state(1)[0])
     if not cache:
         return build_mnist_m_style(digits, photos, split_seed, image_size)
@@ -178,143 +172,31 @@ def _cache_key(digits: ImageData, photos: ImageData, seed: int, image_size: int 
     return digest.hexdigest()[:20]
 
 
-# --- source/target pairs ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DomainPair:
-    """A labelled source and a target domain of the same classes, as RGB images of one size.
-
-    The target's training labels are kept for evaluation and monitoring only; a domain
-    adaptation method must not train on them.
-
-    Attributes:
-        title: how tables name the pair (e.g. "MNIST → SVHN").
-        domain_names: (source name, target name); their positions are the domain ids
-            :data:`SOURCE_DOMAIN` and :data:`TARGET_DOMAIN`.
-        source_train, source_test, target_train, target_test: the four splits.
-    """
-
-    title: str
-    domain_names: tuple[str, str]
-    source_train: ImageData
-    source_test: ImageData
-    target_train: ImageData
-    target_test: ImageData
-
-    def __post_init__(self) -> None:
-        splits = {
-            "source_train": self.source_train,
-            "source_test": self.source_test,
-            "target_train": self.target_train,
-            "target_test": self.target_test,
-        }
-        for name, data in splits.items():
-            if not isinstance(data, ImageData) or len(data) == 0:
-                raise ValueError(
-                    f"domain pair {self.title!r}: {name} is missing or empty; domain adaptation "
-                    "needs a labelled source and an (unlabelled for training) target domain, "
-                    "each with train and test images"
-                )
-        shapes = {name: tuple(data.images.shape[1:]) for name, data in splits.items()}
-        if len(set(shapes.values())) != 1:
-            raise ValueError(
-                f"domain pair {self.title!r}: every split must hold images of one shape "
-                f"(C, H, W), got {shapes}; load both domains with the same image_size, as RGB"
-            )
-        class_lists = {name: data.classes for name, data in splits.items()}
-        if any(classes != self.source_train.classes for classes in class_lists.values()):
-            raise ValueError(
-                f"domain pair {self.title!r}: source and target must share one class list, "
-                f"got {class_lists}"
-            )
-
-    @property
-    def num_classes(self) -> int:
-        return self.source_train.num_classes
-
-
-def digits_domain_pair(image_size: int | None = None) -> DomainPair:
-    """The embedded two-domain digits (``contextnorm.data.digits``) as a pair: source = the
-    "original" style (domain 0 there), target = the "inverted" style (domain 1), RGB.
-
-    No files needed: the fast check of the domain adaptation pipeline.
-    """
-    splits = {split: to_rgb(load_digits_domains(split, image_size)) for split in ("train", "test")}
-
-    def domain(split: str, domain_id: int) -> ImageData:
-        data = splits[split]
-        selected = data.subset(data.domains == domain_id)
-        return replace(selected, domains=None, domain_names=None)
-
-    source_name, target_name = DIGITS_DOMAIN_NAMES
-    return DomainPair(
-        title=f"digits: {source_name} → {target_name}",
-        domain_names=(source_name, target_name),
-        source_train=domain("train", 0),
-        source_test=domain("test", 0),
-        target_train=domain("train", 1),
-        target_test=domain("test", 1),
-    )
-
-
-def mnist_rgb(
+def _read_mnist_m_style(
+    directory: Path,
     split: str,
-    root: str | os.PathLike | None = None,
-    image_size: int | None = DEFAULT_IMAGE_SIZE,
-    *,
-    download: bool = False,
-) -> ImageData:
-    """MNIST's ``split`` resized to ``image_size`` (bilinear) and repeated to RGB, the source
-    domain of the AdaMatch digit experiments (the Keras example resizes to 32 and tiles)."""
-    return to_rgb(load_dataset("mnist", root, split, download=download, image_size=image_size))
-
-
-def mnist_m_style_pair(
-    photo_root: str | os.PathLike,
-    *,
-    photo_dataset: str = "image-folder",
-    mnist_root: str | os.PathLike | None = None,
+    image_size: int | None,
+    mnist_root: str | None = None,
+    photo_format: str = "image-folder",
     seed: int = 0,
-    image_size: int = DEFAULT_IMAGE_SIZE,
-) -> DomainPair:
-    """MNIST → :data:`MNIST_M_STYLE_TITLE`, the target built by :func:`load_mnist_m_style`."""
-    return DomainPair(
-        title=f"MNIST → {MNIST_M_STYLE_TITLE}",
-        domain_names=("MNIST", MNIST_M_STYLE_TITLE),
-        source_train=mnist_rgb("train", mnist_root, image_size),
-        source_test=mnist_rgb("test", mnist_root, image_size),
-        **{
-            f"target_{split}": load_mnist_m_style(
-                split,
-                photo_root,
-                photo_dataset=photo_dataset,
-                mnist_root=mnist_root,
-                seed=seed,
-                image_size=image_size,
-            )
-            for split in ("train", "test")
-        },
+) -> ImageData:
+    return load_mnist_m_style(
+        split,
+        directory,
+        photo_format=photo_format,
+        mnist_root=mnist_root,
+        seed=seed,
+        image_size=image_size,
     )
 
 
-def mnist_svhn_pair(
-    *,
-    mnist_root: str | os.PathLike | None = None,
-    svhn_root: str | os.PathLike | None = None,
-    image_size: int = DEFAULT_IMAGE_SIZE,
-    download: bool = False,
-) -> DomainPair:
-    """MNIST → SVHN, the papers' pair (SVHN's official ``{train,test}_32x32.mat``)."""
-    return DomainPair(
-        title="MNIST → SVHN",
-        domain_names=("MNIST", "SVHN"),
-        source_train=mnist_rgb("train", mnist_root, image_size, download=download),
-        source_test=mnist_rgb("test", mnist_root, image_size, download=download),
-        target_train=load_dataset(
-            "svhn", svhn_root, "train", download=download, image_size=image_size
-        ),
-        target_test=load_dataset(
-            "svhn", svhn_root, "test", download=download, image_size=image_size
-        ),
-    )
+MNIST_M_STYLE = DatasetFormat(
+    title=MNIST_M_STYLE_TITLE,
+    # The photo set and MNIST check their own files when they are read.
+    required=lambda split: (),
+    remote_files=(),
+    read=_read_mnist_m_style,
+    root="required",
+)
+"""The data set ``mnist-m-style``: ``root`` is the photo set (a CIFAR-10 image folder);
+options ``mnist_root`` (default: the data root's ``mnist``), ``photo_format`` and ``seed``."""
