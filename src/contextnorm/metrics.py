@@ -87,6 +87,8 @@ class ReportSpec:
         context_names: a name per context id.
         run_images: image files a run writes (``Task.save_artifacts``), such as generated
             samples; the report shows them for the first seed of each method.
+        curve_figures: further per-epoch figures, drawn like ``curves``: file name (without
+            ``.png``) -> its panels.
     """
 
     about: list[str]
@@ -97,6 +99,7 @@ class ReportSpec:
     num_contexts: int = 1
     context_names: list[str] = field(default_factory=list)
     run_images: list[str] = field(default_factory=list)
+    curve_figures: dict[str, list[MetricSpec]] = field(default_factory=dict)
 
     @property
     def headline(self) -> MetricSpec:
@@ -124,6 +127,10 @@ class ReportSpec:
             num_contexts=int(data.get("num_contexts", 1)),
             context_names=list(data.get("context_names", [])),
             run_images=list(data.get("run_images", [])),
+            curve_figures={
+                name: [MetricSpec(**spec) for spec in panels]
+                for name, panels in data.get("curve_figures", {}).items()
+            },
         )
 
 

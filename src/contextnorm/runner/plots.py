@@ -68,7 +68,7 @@ def plot_curves(
     Args:
         histories: method -> one per-epoch history per seed.
         panels: one panel per metric, keyed as in the epoch records; bands are clipped to each
-            metric's range.
+            metric's range, and the y axis starts at its lower end when it has one.
         path: the PNG file to write.
         diverged: method -> how many of its runs diverged (said in the legend).
 
@@ -95,6 +95,8 @@ def plot_curves(
         axis.set_title(spec.title)
         axis.set_xlabel("epoch")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if spec.lower is not None:
+            axis.set_ylim(bottom=spec.lower)
         axis.grid(alpha=0.3)
     handles = [
         Line2D([], [], color=colours[method], marker="o", markersize=3) for method in histories

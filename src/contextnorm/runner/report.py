@@ -227,13 +227,11 @@ def draw_figures(results: ExperimentResults) -> list[Path]:
         return []
     folder, spec = results.results_dir, results.spec
     headline = spec.headline
+    histories = {method.label: [record.history for record in method.records] for method in present}
+    diverged = {method.label: len(method.diverged()) for method in present}
     written = [
-        plot_curves(
-            {method.label: [record.history for record in method.records] for method in present},
-            spec.curves,
-            folder / "curves.png",
-            diverged={method.label: len(method.diverged()) for method in present},
-        )
+        plot_curves(histories, panels, folder / f"{name}.png", diverged=diverged)
+        for name, panels in {"curves": spec.curves, **spec.curve_figures}.items()
     ]
     if finished:
         baseline = results.baseline()

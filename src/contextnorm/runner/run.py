@@ -136,7 +136,13 @@ def run_single(task: Task, index: int, seed: int, progress: Progress) -> RunOutc
             run_dir,
             seed=seed,
             selection=task.selection,
-            callbacks=[history, interrupts, *progress.callbacks(title, shown)],
+            # The task's callbacks first: what they log at an epoch's end joins its record.
+            callbacks=[
+                *task.callbacks(index),
+                history,
+                interrupts,
+                *progress.callbacks(title, shown),
+            ],
             progress_bar=progress.mode == "bar",
         )
         try:

@@ -97,7 +97,8 @@ class Task(ABC):
           run's history, drawn as curves; a non-finite one, or a ``FloatingPointError`` raised
           in a step, marks the run diverged at that epoch, and the experiment goes on.
        b. :meth:`datamodule`: the data module whose batches the module's steps read.
-       c. The runner fits (``Trainer.fit``), resuming from the run's checkpoint if it has one.
+       c. The runner fits (``Trainer.fit``), resuming from the run's checkpoint if it has one,
+          with the task's :meth:`callbacks` before its own.
        d. :meth:`evaluate`: tests the trained module; returns ``{view: {metric: value}}`` with
           the views and metric keys of :meth:`describe`.
        e. :meth:`probe`, for the first seed when figures are on: runs the module on held-out
@@ -120,7 +121,7 @@ class Task(ABC):
     (``config.methods[index].contexts``, ``None`` for the experiment's). Per-run images a
     task writes in :meth:`save_artifacts` and names in ``ReportSpec.run_images`` appear in the
     report; per-epoch values (an FID, a gradient variance) become curves when
-    ``ReportSpec.curves`` names them.
+    ``ReportSpec.curves`` (or a figure of ``ReportSpec.curve_figures``) names them.
 
     Attributes:
         config: the experiment's config.
@@ -179,6 +180,15 @@ class Task(ABC):
         activation histograms and feature projections.
         """
         raise NotImplementedError(f"{type(self).__name__} does not record activations")
+
+    def callbacks(self, index: int) -> list[L.Callback]:
+        """Lightning callbacks of a run of method ``index`` besides the runner's (none by
+        default), e.g. a measurement that logs per-epoch values in ``on_train_epoch_end``.
+
+        They run before the runner's own callbacks, so what they log joins the epoch's record
+        (and the curves); their state is saved in the run's checkpoint.
+        """
+        return []
 
     def save_artifacts(self, index: int, module: TaskModule, run_dir: Path) -> None:  # noqa: B027
         """Write extra files of a finished run into ``run_dir`` (nothing by default).
