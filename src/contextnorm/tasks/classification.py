@@ -8,8 +8,6 @@ classifier, and no context (the layers' posterior mixture).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +41,8 @@ from contextnorm.tasks.data import (
     context_names,
     fit_contexts,
     load_splits,
+    per_method_contexts,
+    reference_options,
 )
 from contextnorm.tasks.module import TaskModule
 from contextnorm.tasks.network import build_network, get_method, method_location
@@ -61,10 +61,12 @@ UNKNOWN_VIEW = ViewSpec(
 )
 
 
-def classification_metrics(num_classes: int) -> MetricCollection:
+def classification_metrics(num_classes: int, *, weighted: bool = False) -> MetricCollection:
     """Accuracy, top-5 accuracy (for more than 5 classes), macro precision, recall and F1.
 
-    The loss is logged by the module itself, not here.
+    With ``weighted``, also precision and F1 averaged over classes with class-frequency weights
+    (scikit-learn's ``average='weighted'``, which some published tables used; weighted recall is
+    accuracy itself). The loss is logged by the module itself, not here.
     """
     if num_classes < 2:
         raise ValueError(
@@ -79,13 +81,17 @@ def classification_metrics(num_classes: int) -> MetricCollection:
     }
     if num_classes > TOP_K:
         metrics["top5"] = MulticlassAccuracy(num_classes, top_k=TOP_K, average="micro")
+    if weighted:
+        metrics["weighted_precision"] = MulticlassPrecision(num_classes, average="weighted")
+        metrics["weighted_f1"] = MulticlassF1Score(num_classes, average="weighted")
     return MetricCollection(metrics)
 
 
-def classification_metric_specs(num_classes: int) -> list[MetricSpec]:
+def classification_metric_specs(num_classes: int, *, weighted: bool = False) -> list[MetricSpec]:
     """The test metrics of classification, in table order: accuracy first, the loss last.
 
-    Top-5 accuracy is measured only with more than five classes.
+    Top-5 accuracy is measured only with more than five classes; the class-frequency weighted
+    precision and F1 with ``weighted`` (see :func:`classification_metrics`).
     """
     share = {"lower": 0.0, "upper": 1.0, "percent": True}
     specs = [MetricSpec("accuracy", "accuracy", **share)]
@@ -95,8 +101,13 @@ def classification_metric_specs(num_classes: int) -> list[MetricSpec]:
         MetricSpec("precision", "macro precision", **share),
         MetricSpec("recall", "macro recall", **share),
         MetricSpec("f1", "macro F1", **share),
-        MetricSpec("loss", "loss", lower=0.0, higher_is_better=False),
     ]
+    if weighted:
+        specs += [
+            MetricSpec("weighted_precision", "weighted precision", **share),
+            MetricSpec("weighted_f1", "weighted F1", **share),
+        ]
+    specs.append(MetricSpec("loss", "loss", lower=0.0, higher_is_better=False))
     return specs
 
 
@@ -112,8 +123,9 @@ CLASSIFICATION_CURVES = [
 class ClassificationModule(TaskModule):
     """Classification with cross-entropy: loss and accuracy per epoch, all metrics on val and test.
 
-    Logged names: ``train/loss``, ``train/accuracy``, ``val/loss``, ``val/<metric>`` and, for
-    each test view, ``test/<view>/<metric>`` (metrics: :func:`classification_metrics`).
+    Logged names: ``train/loss``, ``train/accuracy``, ``val/loss``, ``val/<metric>``, for each
+    further validation view ``val/<view>/<metric>``, and for each test view
+    ``test/<view>/<metric>`` (metrics: :func:`classification_metrics`).
 
     Args:
         model: the network, ``model(images) -> logits``.
@@ -122,6 +134,9 @@ class ClassificationModule(TaskModule):
         optimization: the ``train:`` settings.
         num_classes: number of classes.
         test_views: the names of the test loaders, in order; each gets its own metrics.
+        val_views: the names of the validation loaders after the first, in order: curves
+            only (the task's selection metric reads the first loader's ``val/`` values).
+        weighted: also measure the class-frequency weighted precision and F1.
     """
 
     def __init__(
@@ -132,18 +147,26 @@ class ClassificationModule(TaskModule):
         optimization: TrainConfig,
         num_classes: int,
         test_views: Sequence[str],
+        val_views: Sequence[str] = (),
+        *,
+        weighted: bool = False,
     ) -> None:
         super().__init__(model, tested_layers, optimization)
         self.preprocess = preprocess
         self.num_classes = num_classes
         self.test_views = list(test_views)
+        self.val_views = list(val_views)
         self.train_accuracy = MulticlassAccuracy(num_classes, average="micro")
-        self.val_metrics = classification_metrics(num_classes).clone(prefix="val/")
+
+        def metrics(prefix: str) -> MetricCollection:
+            return classification_metrics(num_classes, weighted=weighted).clone(prefix=prefix)
+
+        self.val_metrics = metrics("val/")
+        self.val_view_metrics = nn.ModuleDict(
+            {view: metrics(f"val/{view}/") for view in self.val_views}
+        )
         self.test_metrics = nn.ModuleDict(
-            {
-                view: classification_metrics(num_classes).clone(prefix=f"test/{view}/")
-                for view in self.test_views
-            }
+            {view: metrics(f"test/{view}/") for view in self.test_views}
         )
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
@@ -169,29 +192,45 @@ class ClassificationModule(TaskModule):
         )
         return loss
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        images, labels, contexts = batch
-        logits = self(images, contexts)
-        self.log(
-            "val/loss", F.cross_entropy(logits, labels), batch_size=len(labels), sync_dist=True
-        )
-        self.val_metrics(logits, labels)
-        self.log_dict(self.val_metrics, batch_size=len(labels))
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if dataloader_idx == 0:
+            self._evaluate(batch, "val/", self.val_metrics)
+        else:
+            view = self.val_views[dataloader_idx - 1]
+            self._evaluate(batch, f"val/{view}/", self.val_view_metrics[view])
 
     def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        images, labels, contexts = batch
         view = self.test_views[dataloader_idx]
+        self._evaluate(batch, f"test/{view}/", self.test_metrics[view])
+
+    def _evaluate(self, batch: Batch, prefix: str, metrics: MetricCollection) -> None:
+        """Log the loss and ``metrics`` of one evaluation batch under ``prefix``."""
+        images, labels, contexts = batch
         logits = self(images, contexts)
-        metrics = self.test_metrics[view]
         metrics(logits, labels)
         self.log(
-            f"test/{view}/loss",
+            f"{prefix}loss",
             F.cross_entropy(logits, labels),
             batch_size=len(labels),
             add_dataloader_idx=False,
             sync_dist=True,
         )
         self.log_dict(metrics, batch_size=len(labels), add_dataloader_idx=False)
+
+
+def tested_views(
+    trainer: L.Trainer, module: ClassificationModule, datamodule: L.LightningDataModule
+) -> dict[str, dict[str, float]]:
+    """Test ``module`` on every test view of ``datamodule``: view -> metric -> value."""
+    outputs = trainer.test(module, datamodule=datamodule, verbose=False)
+    return {
+        view: {
+            key.removeprefix(f"test/{view}/"): float(value)
+            for key, value in output.items()
+            if key.startswith(f"test/{view}/")
+        }
+        for view, output in zip(module.test_views, outputs, strict=True)
+    }
 
 
 @dataclass
@@ -244,18 +283,9 @@ class ClassificationTask(Task):
             self.views = {"oracle": None, "predicted": PREDICTED_VIEW, "unknown": UNKNOWN_VIEW}
         else:
             self.views = {"input": None}
-        prepared: dict[str, PreparedContexts] = {}
-        self.contexts: list[PreparedContexts] = []
-        for method in config.methods:
-            contexts = method.contexts or config.contexts
-            key = json.dumps(dataclasses.asdict(contexts), sort_keys=True, default=str)
-            if key not in prepared:
-                prepared[key] = self._prepare_contexts(contexts, splits)
-            self.contexts.append(prepared[key])
-        shared = prepared.get(
-            json.dumps(dataclasses.asdict(config.contexts), sort_keys=True, default=str)
-        ) or self._prepare_contexts(config.contexts, splits)
-        self.shared = shared
+        self.contexts, self.shared = per_method_contexts(
+            config, lambda contexts: self._prepare_contexts(contexts, splits)
+        )
         first = next(iter(self.views))
         self.views[first] = ViewSpec(builder_class.title, builder_class.description)
         self.mean, self.std = channel_statistics(splits.train.images)
@@ -266,15 +296,7 @@ class ClassificationTask(Task):
 
     def _prepare_contexts(self, contexts: ContextConfig, splits: Splits) -> PreparedContexts:
         """``contexts`` fitted on the training split and assigned to every split and view."""
-        extra = {}
-        if contexts.kind == "random" and "like" not in contexts.options:
-            # The ablation of the experiment's own contexts: their K and group sizes.
-            reference = self.config.contexts
-            extra["like"] = {
-                "kind": reference.kind,
-                "num_contexts": reference.num_contexts,
-                "options": reference.options,
-            }
+        extra = reference_options(contexts, self.config.contexts)
         builder = fit_contexts(contexts, splits.train, **extra)
         kind, count = contexts.kind, builder.num_contexts
         train = ContextSplit(splits.train, assign_contexts(builder, splits.train, "train", kind))
@@ -423,15 +445,7 @@ class ClassificationTask(Task):
         datamodule: L.LightningDataModule,
     ) -> dict[str, dict[str, float]]:
         assert isinstance(module, ClassificationModule)
-        outputs = trainer.test(module, datamodule=datamodule, verbose=False)
-        tested = {
-            view: {
-                key.removeprefix(f"test/{view}/"): float(value)
-                for key, value in output.items()
-                if key.startswith(f"test/{view}/")
-            }
-            for view, output in zip(module.test_views, outputs, strict=True)
-        }
+        tested = tested_views(trainer, module, datamodule)
         return {view: tested.get(view, tested[module.test_views[0]]) for view in self.views}
 
     def probe(self, index: int, module: TaskModule, count: int, seed: int) -> Probe:
@@ -446,17 +460,17 @@ class ClassificationTask(Task):
         return Probe(contexts=contexts, labels=split.data.labels[chosen])
 
 
-def _describe_contexts(contexts: PreparedContexts) -> str:
+def describe_contexts(config: ContextConfig, num_contexts: int, names: Sequence[str]) -> str:
     """``domain, K = 2 (original, inverted)``, with a random kind's reference."""
-    config = contexts.config
     if config.kind != "random":
-        return f"{config.kind}, K = {contexts.num_contexts} ({', '.join(contexts.names)})"
+        return f"{config.kind}, K = {num_contexts} ({', '.join(names)})"
     like = config.options.get("like")
     reference = like if isinstance(like, str) or like is None else like["kind"]
-    sizes = "one context" if contexts.num_contexts == 1 else "groups of equal size"
+    sizes = "one context" if num_contexts == 1 else "groups of equal size"
     if reference is not None or config.num_contexts is None:
         sizes = f"the group sizes of the {reference or 'experiment'}'s contexts"
-    return (
-        f"random, K = {contexts.num_contexts}, drawn once per sample (seed {config.seed}) with "
-        f"{sizes}"
-    )
+    return f"random, K = {num_contexts}, drawn once per sample (seed {config.seed}) with {sizes}"
+
+
+def _describe_contexts(contexts: PreparedContexts) -> str:
+    return describe_contexts(contexts.config, contexts.num_contexts, contexts.names)

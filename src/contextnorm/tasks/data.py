@@ -6,9 +6,11 @@ The helpers here turn the ``data:`` and ``contexts:`` sections into checked tens
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning as L
 import numpy as np
@@ -16,11 +18,13 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, TensorDataset
 
-from contextnorm.config import ConfigError, ContextConfig, DataConfig
+from contextnorm.config import ConfigError, ContextConfig, DataConfig, ExperimentConfig
 from contextnorm.contexts import CONTEXTS, ContextBuilder, build_contexts
 from contextnorm.data import ImageData, load_dataset
 from contextnorm.data.files import MissingFilesError
 from contextnorm.registry import UnknownNameError
+
+Prepared = TypeVar("Prepared")
 
 UNKNOWN_CONTEXT = -1
 """The context id of a sample whose context is unknown (layers use their posterior mixture)."""
@@ -61,8 +65,8 @@ class Splits:
     test: ImageData
 
 
-def load_data(data: DataConfig, split: str) -> ImageData:
-    """One split of the configured data set; errors name the ``data.`` keys to change."""
+def load_data(data: DataConfig, split: str, key: str = "data") -> ImageData:
+    """One split of the configured data set; errors name the keys (under ``key``) to change."""
     try:
         return load_dataset(
             data.name,
@@ -73,40 +77,47 @@ def load_data(data: DataConfig, split: str) -> ImageData:
             **data.options,
         )
     except MissingFilesError as error:
-        where = "Or set data.root to the folder that holds the files"
-        fetch = "" if data.download else ", or data.download=true where a network is available"
+        where = f"Or set {key}.root to the folder that holds the files"
+        fetch = "" if data.download else f", or {key}.download=true where a network is available"
         raise MissingFilesError(error.details, f"{where}{fetch}.") from None
     except UnknownNameError as error:
-        raise ConfigError(f"data.name: {error}") from None
+        raise ConfigError(f"{key}.name: {error}") from None
     except ValueError as error:
-        raise ConfigError(f"data ({data.name}): {error}") from error
+        raise ConfigError(f"{key} ({data.name}): {error}") from error
 
 
-def load_splits(data: DataConfig) -> Splits:
+def load_splits(data: DataConfig, key: str = "data") -> Splits:
     """The configured splits: subsets (``train_samples``, ``test_samples``) and the validation
     hold-out (``val_fraction``; with 0 the test split validates, as in the papers).
+
+    Args:
+        data: the data section.
+        key: where it sits in the config (``data``, or a task's second data set), for messages.
 
     Raises:
         ConfigError: train and test do not hold the same classes, or a subset cannot be drawn.
     """
-    train_full = load_data(data, "train")
-    test = load_data(data, "test")
-    check_same_classes(train_full, test, data.name)
+    train_full = load_data(data, "train", key)
+    test = load_data(data, "test", key)
+    check_same_classes(train_full, test, f"{key} ({data.name})")
     if data.train_samples is not None:
-        train_full = _stratified_subset(train_full, data.train_samples, data, "data.train_samples")
+        train_full = _stratified_subset(
+            train_full, data.train_samples, data, f"{key}.train_samples"
+        )
     if data.test_samples is not None:
-        test = _stratified_subset(test, data.test_samples, data, "data.test_samples")
+        test = _stratified_subset(test, data.test_samples, data, f"{key}.test_samples")
     if data.val_fraction == 0:
         return Splits(train_full, test, test)
     held_out = max(1, round(data.val_fraction * len(train_full)))
     rest, validation = _stratified_partition(
-        train_full, len(train_full) - held_out, data.seed, "data.val_fraction"
+        train_full, len(train_full) - held_out, data.seed, f"{key}.val_fraction"
     )
     return Splits(train_full.subset(rest), train_full.subset(validation), test)
 
 
 def check_same_classes(train: ImageData, test: ImageData, name: str) -> None:
-    """Refuse a test split whose classes are not the training split's.
+    """Refuse a test split whose classes are not the training split's (``name``: how messages
+    call the data, e.g. ``data (mnist)``).
 
     A class seen in training but absent from the test images (or the reverse) makes every
     per-class metric and the comparison with published numbers meaningless, and usually means
@@ -114,7 +125,7 @@ def check_same_classes(train: ImageData, test: ImageData, name: str) -> None:
     """
     if train.classes != test.classes:
         raise ConfigError(
-            f"data ({name}): the train and test splits name different classes "
+            f"{name}: the train and test splits name different classes "
             f"(train: {train.classes[:10]}, test: {test.classes[:10]}); give both splits the "
             "same classes"
         )
@@ -130,7 +141,7 @@ def check_same_classes(train: ImageData, test: ImageData, name: str) -> None:
         ]
         if missing:
             raise ConfigError(
-                f"data ({name}): class(es) {missing[:10]} have {present} images but no {absent} "
+                f"{name}: class(es) {missing[:10]} have {present} images but no {absent} "
                 f"images; put {absent} images of every class in place (for image-folder: "
                 f"{absent}/<class>/), or remove the class from both splits"
             )
@@ -156,6 +167,42 @@ def fit_contexts(contexts: ContextConfig, train: ImageData, **extra: Any) -> Con
         raise ConfigError(f"contexts.kind: {error}") from None
     except (TypeError, ValueError) as error:
         raise ConfigError(f"contexts ({contexts.kind}): {error}") from error
+
+
+def per_method_contexts(
+    config: ExperimentConfig, prepare: Callable[[ContextConfig], Prepared]
+) -> tuple[list[Prepared], Prepared]:
+    """``prepare`` run once per distinct ``contexts`` section of an experiment.
+
+    Returns:
+        One result per method (of its own contexts, or of the experiment's), and the result of
+        the experiment's contexts; methods with equal sections share one result.
+    """
+    prepared: dict[str, Prepared] = {}
+
+    def get(contexts: ContextConfig) -> Prepared:
+        key = json.dumps(dataclasses.asdict(contexts), sort_keys=True, default=str)
+        if key not in prepared:
+            prepared[key] = prepare(contexts)
+        return prepared[key]
+
+    per_method = [get(method.contexts or config.contexts) for method in config.methods]
+    return per_method, get(config.contexts)
+
+
+def reference_options(contexts: ContextConfig, experiment: ContextConfig) -> dict[str, Any]:
+    """Builder options a method's ``contexts`` take from the experiment's: the ``random`` kind
+    without a ``like`` of its own copies the experiment's K and group sizes (the ablation of
+    the experiment's contexts)."""
+    if contexts.kind != "random" or "like" in contexts.options:
+        return {}
+    return {
+        "like": {
+            "kind": experiment.kind,
+            "num_contexts": experiment.num_contexts,
+            "options": experiment.options,
+        }
+    }
 
 
 def assign_contexts(
@@ -253,7 +300,8 @@ class ContextDataModule(L.LightningDataModule):
 
     The test split may come in several *views*: the test images with one choice of contexts
     each (for instance the oracle superclass, a predicted one, or none); ``test_dataloader``
-    returns one loader per view, in order.
+    returns one loader per view, in order. Validation may have further named splits after
+    ``val`` (``val_views``), e.g. a second domain whose curves are drawn but select nothing.
 
     Args:
         train: the training split.
@@ -262,6 +310,7 @@ class ContextDataModule(L.LightningDataModule):
         batch_size: training batch size.
         eval_batch_size: batch size of validation and test.
         num_workers: loader worker processes.
+        val_views: view name -> a further split validated after every epoch, after ``val``.
     """
 
     def __init__(
@@ -273,10 +322,12 @@ class ContextDataModule(L.LightningDataModule):
         batch_size: int,
         eval_batch_size: int,
         num_workers: int = 0,
+        val_views: Mapping[str, ContextSplit] | None = None,
     ) -> None:
         super().__init__()
         self.train = train
         self.val = val
+        self.val_views = dict(val_views or {})
         self.test_views = dict(test_views)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -297,8 +348,17 @@ class ContextDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train, self.batch_size, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val, self.eval_batch_size, shuffle=False)
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        first = self._loader(self.val, self.eval_batch_size, shuffle=False)
+        if not self.val_views:
+            return first
+        return [
+            first,
+            *(
+                self._loader(split, self.eval_batch_size, shuffle=False)
+                for split in self.val_views.values()
+            ),
+        ]
 
     def test_dataloader(self) -> list[DataLoader]:
         return [
