@@ -4,6 +4,7 @@
 * :class:`DenseNet`, :func:`densenet40`, :func:`densenet100`: CIFAR DenseNets (Faye et al.
   2024b, Tables I-IV).
 * :class:`VisionTransformer`: the Keras example ViT (Faye et al. 2024b, Table V; 2024c, Table 1).
+* :class:`WideResNet`: the WRN-28-2 of AdaMatch (Faye et al. 2024b, Table VI).
 * :func:`build_model` / :data:`MODELS`: the same by name, for configs.
 """
 
@@ -19,6 +20,7 @@ from .placement import (
 from .registry import MODELS, build_model
 from .shallow_cnn import ShallowCNN
 from .vit import VisionTransformer
+from .wide_resnet import WideResNet
 
 __all__ = [
     "MODELS",
@@ -31,6 +33,7 @@ __all__ = [
     "PlacementSpec",
     "ShallowCNN",
     "VisionTransformer",
+    "WideResNet",
     "build_model",
     "densenet100",
     "densenet40",

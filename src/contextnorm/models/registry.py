@@ -19,6 +19,7 @@ from .densenet import DenseNet, densenet40, densenet100
 from .placement import NormFactory, PlacementSpec
 from .shallow_cnn import ShallowCNN
 from .vit import VisionTransformer
+from .wide_resnet import WideResNet
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 """Models by name (``model.name`` in a config)."""
@@ -28,6 +29,11 @@ MODELS.register("densenet40", densenet40, summary="DenseNet-40 (growth rate 12) 
 MODELS.register("densenet100", densenet100, summary="DenseNet-100 (growth rate 12)")
 MODELS.register("densenet", DenseNet, summary="DenseNet of any depth (options: depth, ...)")
 MODELS.register("vit", VisionTransformer, summary="Vision Transformer of the Keras example")
+MODELS.register(
+    "wide_resnet",
+    WideResNet,
+    summary="Wide ResNet, WRN-28-2 of AdaMatch by default (options: depth, widen_factor)",
+)
 
 # Arguments build_model sets itself; they cannot come in as size arguments.
 _COMMON_ARGUMENTS = frozenset(

@@ -1,13 +1,8 @@
 """Wide residual network for 32x32-class inputs, the WRN-28-2 of AdaMatch and FixMatch.
 
-Zagoruyko and Komodakis, "Wide Residual Networks", arXiv:1605.07146 (2016), in the
-pre-activation form that Berthelot et al., "AdaMatch: A Unified Approach to Semi-Supervised
-Learning and Domain Adaptation", arXiv:2106.04732 (2021), and the Keras AdaMatch example
-("Semi-supervision and domain adaptation with AdaMatch", keras.io/examples/vision/adamatch)
-train for digit domain adaptation; the context-normalization papers use that example's model
-(Faye, Azzag, Lebbah and Bouchaffra, "Enhancing Neural Network Representations with Prior
-Knowledge-Based Normalization", arXiv:2403.16798 v3, 2024, Table VI).
-"""
+Zagoruyko & Komodakis 2016, in the pre-activation form that Berthelot et al. 2022 and the Keras
+AdaMatch example (Paul 2021) train for digit domain adaptation; the context-normalization papers
+use that example's model (Faye et al. 2024b, Table VI)."""
 
 from __future__ import annotations
 
@@ -70,9 +65,8 @@ class WideResNet(NormSiteModel):
 
     Placements: ``"all"`` replaces every norm site (the papers' text: "replacing the BN layers");
     ``"input"`` adds one tested norm on the input image and keeps BatchNorm elsewhere (the
-    context-normalization authors' released AdaMatch notebook, and Faye, Azzag and Lebbah,
-    "Cluster-Based Normalization Layer for Neural Networks", arXiv:2403.16798 v2, 2024,
-    Sec. IV-E: "incorporated as initial layers");
+    context-normalization authors' released AdaMatch code, and Faye et al. 2024a, Sec. IV-E:
+    "incorporated as initial layers");
     ``"index:I,..."`` replaces the listed sites.
 
     Args:
