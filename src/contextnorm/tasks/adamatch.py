@@ -1,41 +1,36 @@
-"""Domain adaptation with AdaMatch, and the source-only baseline.
+"""AdaMatch (Berthelot et al. 2022) and the source-only baseline: the algorithm and its module.
 
-AdaMatch: Berthelot, Roelofs, Sohn, Carlini and Kurakin, "AdaMatch: A Unified Approach to
-Semi-Supervised Learning and Domain Adaptation", arXiv:2106.04732 (2021), Section 3, whose
-paragraphs (random logit interpolation, distribution alignment, relative confidence threshold,
-loss function) the functions below cite by name, with their formulas written out. Where the
-paper is silent this follows the Keras example that the context-normalization papers trained
-("Semi-supervision and domain adaptation with AdaMatch", Sayak Paul, 2021,
-keras.io/examples/vision/adamatch), and departs from it where it is wrong (noted at each place).
-The context-normalization experiment itself: Faye, Azzag, Lebbah and Bouchaffra, "Enhancing
-Neural Network Representations with Prior Knowledge-Based Normalization", arXiv:2403.16798 v3
-(2024), Sec. IV-A and Table VI (MNIST to SVHN, WRN, Adam at 0.03 with cosine decay, 100
-epochs, K = 2 domains as contexts).
+The functions below are the algorithm as pure tensor functions, each citing the paragraph of
+the AdaMatch paper's Section 3 it implements (random logit interpolation, distribution
+alignment, relative confidence threshold, loss function), with the formulas written out. Where
+the paper is silent this follows the Keras example the context-normalization papers trained
+(Paul 2021), and departs from it where it is wrong (noted at each place). :class:`AdaMatchModule`
+trains a classifier with them; :mod:`contextnorm.tasks.adaptation` is the task around it.
 
-The pure functions below are the algorithm; :class:`AdaMatchModule` trains a model with them.
 Notation (paper Sec. 3): ``n_s`` labelled source images and ``n_t = uratio * n_s`` unlabelled
 target images per step, each weakly (``w``) and strongly (``s``) augmented; ``k`` classes.
 
-Domains are the contexts of the context layers (K = 2): every sample carries its domain id,
-:data:`SOURCE_DOMAIN` (0) or :data:`TARGET_DOMAIN` (1), and the model runs inside
-``contextnorm.use_context(domain ids)``. What AdaMatch's passes mean for each layer:
+Every sample carries its context: for CN, CN-X and CN-E the domain id (source 0, target 1),
+or the ablation's random or single context. What AdaMatch's passes mean for each layer:
 
-* AdaMatch runs the model twice per step: once on the *combined* batch
-  (source and target, weak and strong), once on the source alone, and interpolates the two
-  source logits at random, so that the network stops depending on whether its batch
-  statistics came from the source alone or from both domains.
+* AdaMatch runs the model twice per step: once on the *combined* batch (source and target,
+  weak and strong), once on the source alone, and interpolates the two source logits at
+  random, so that the network stops depending on whether its batch statistics came from the
+  source alone or from both domains. The second pass normalises with the statistics of the
+  source batch, as the paper describes it; the Keras example runs it in inference mode, with
+  the running statistics, which makes the interpolation mix in the running estimates instead.
 * BatchNorm, ModeNorm, MixNorm, ACN: batch statistics are pooled over both domains in the
   combined pass and over the source alone in the second pass, so the two source logits differ
-  and the interpolation acts as the paper intends. The running estimates used at test time come
-  from the combined pass only (the second pass leaves every buffer as it was, as the AdaMatch
-  authors' code does).
-* CN: each domain is normalised with its own statistics in the combined pass, so the source
-  samples see exactly the statistics of the source-only pass: with CN at every norm site the two
-  source logits are equal and the interpolation does nothing (AdaMatch reduces to FixMatch with
-  distribution alignment and the relative threshold). With CN on the input only (the
-  context-normalization authors' released AdaMatch notebook) the BatchNorm layers behind it
-  still pool, and the interpolation acts there.
-  At test time each domain id selects its own running statistics.
+  and the interpolation acts as the paper intends. The running estimates used at test time
+  come from the combined pass only (the second pass leaves every buffer as it was, as the
+  AdaMatch authors' code does).
+* CN with domain contexts: each domain is normalised with its own statistics in the combined
+  pass, so the source samples see exactly the statistics of the source-only pass: with CN at
+  every norm site the two source logits are equal and the interpolation does nothing (AdaMatch
+  reduces to FixMatch with distribution alignment and the relative threshold). With CN on the
+  input only (the context-normalization authors' released AdaMatch code) the BatchNorm layers
+  behind it still pool, and the interpolation acts there. At test time each domain id selects
+  its own running statistics.
 * CN-X, CN-E, LayerNorm: no batch statistics, so both passes give the same source logits.
 """
 
@@ -53,29 +48,12 @@ import torch.nn.functional as F
 from kornia import augmentation
 from kornia.augmentation.auto import RandAugment
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import (
-    MulticlassF1Score,
-    MulticlassPrecision,
-    MulticlassRecall,
-)
 
 from contextnorm.config import TrainConfig
-from contextnorm.data.mnist_m import SOURCE_DOMAIN, TARGET_DOMAIN
-from contextnorm.metrics import classification_metrics
-from contextnorm.training.module import ContextModule
-from contextnorm.training.preprocess import BatchPreprocess
+from contextnorm.tasks.classification import ClassificationModule
+from contextnorm.tasks.module import build_optimizer, build_scheduler
+from contextnorm.tasks.preprocess import BatchPreprocess
 
-ADAMATCH = "adamatch"
-SOURCE_ONLY = "source_only"
-DA_METHODS = (ADAMATCH, SOURCE_ONLY)
-NUM_DOMAINS = 2
-DA_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "sgd": torch.optim.SGD,
-}
-DA_SCHEDULES = ("cosine", "constant")
 # The RandAugment operations are kornia's default policy; the magnitude argument of its
 # constructor does not matter here, since each operation is applied with magnitudes drawn from
 # its own range (see WeakStrongAugment).
@@ -238,14 +216,6 @@ def adamatch_loss(
     )
 
 
-def cosine_decay(step: int, total_steps: int, final_fraction: float) -> float:
-    """Learning-rate factor decaying along a half cosine from 1 to ``final_fraction`` at
-    ``total_steps`` and staying there (Keras ``CosineDecay(lr, T, alpha=final_fraction)``, the
-    papers' schedule with alpha 0.25, the same end point as the AdaMatch authors' code)."""
-    progress = min(step, total_steps) / total_steps
-    return final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 @contextmanager
 def buffers_restored(module: nn.Module) -> Iterator[None]:
     """Run a forward pass that leaves no trace in ``module``'s buffers (running statistics,
@@ -269,69 +239,7 @@ def buffers_restored(module: nn.Module) -> Iterator[None]:
             setattr(owner, name, buffer)
 
 
-# --- settings and augmentation ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AdaMatchSettings:
-    """What the domain-adaptation task needs beyond the shared training settings.
-
-    Defaults are the papers' and the paper's values (with their sources):
-
-    Attributes:
-        method: ``"adamatch"`` or ``"source_only"``: the labelled-source loss alone; the
-            target images still pass through the network with the source (their batch
-            statistics count), as in the AdaMatch authors' baseline, but carry no loss.
-        source_batch_size: ``n_s``, labelled source images per step (64: paper, Keras).
-        uratio: ``n_t / n_s``, unlabelled target images per source image (3: paper,
-            Keras).
-        tau: relative confidence ratio (0.9: paper, AdaMatch authors' code, Keras).
-        final_lr_fraction: the cosine schedule ends at this share of the initial learning rate
-            (0.25: Keras ``CosineDecay(0.03, T, 0.25)``, AdaMatch authors' ``lr_decay``).
-        translate: weak augmentation: random shift of up to this share of the image side,
-            borders reflected (0.125: FixMatch/AdaMatch's weak flip-and-shift).
-        flip: weak augmentation also flips horizontally with probability 0.5. Off for
-            digits, where a mirror image is not the same digit; the Keras example flips (its
-            random crop to the full size is a no-op, so its weak augmentation is a flip only).
-        randaugment_ops: strong augmentation: RandAugment operations per image (2: Keras,
-            FixMatch).
-        cutout: strong augmentation ends with a grey square over up to a quarter of the image
-            (the AdaMatch authors' code appends cutout to every strong augmentation; Keras
-            does not).
-    """
-
-    method: str = ADAMATCH
-    source_batch_size: int = 64
-    uratio: int = 3
-    tau: float = 0.9
-    final_lr_fraction: float = 0.25
-    translate: float = 0.125
-    flip: bool = False
-    randaugment_ops: int = 2
-    cutout: bool = True
-
-    def __post_init__(self) -> None:
-        if self.method not in DA_METHODS:
-            raise ValueError(f"method must be one of {DA_METHODS}, got {self.method!r}")
-        for name in ("source_batch_size", "uratio", "randaugment_ops"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not 0.0 <= self.tau <= 1.0:
-            raise ValueError(f"tau must be in [0, 1], got {self.tau!r}")
-        if not 0.0 <= self.final_lr_fraction <= 1.0:
-            raise ValueError(f"final_lr_fraction must be in [0, 1], got {self.final_lr_fraction!r}")
-        if not 0.0 <= self.translate < 0.5:
-            raise ValueError(f"translate must be in [0, 0.5), got {self.translate!r}")
-
-    @property
-    def target_batch_size(self) -> int:
-        return self.source_batch_size * self.uratio
-
-    @property
-    def batch_size(self) -> int:
-        """Images per training batch: the source part followed by the target part."""
-        return self.source_batch_size + self.target_batch_size
+# --- augmentation -----------------------------------------------------------------------------
 
 
 class WeakStrongAugment(nn.Module):
@@ -349,26 +257,41 @@ class WeakStrongAugment(nn.Module):
     on average that is the middle of the range, the Keras example's fixed magnitude 5 of 10.
     (kornia's own ``RandAugment`` draws one set of operations for a whole batch; calling it once
     per image is seven times slower than the grouped calls below.)
+
+    Args:
+        image_size: (height, width) of the images.
+        translate: the weak view's largest shift, as a share of the image side.
+        flip: the weak view also flips horizontally with probability 0.5.
+        randaugment_ops: RandAugment operations per image in the strong view.
+        cutout: the strong view ends with a grey square over up to a quarter of the image.
     """
 
-    def __init__(self, image_size: tuple[int, int], settings: AdaMatchSettings) -> None:
+    def __init__(
+        self,
+        image_size: tuple[int, int],
+        *,
+        translate: float,
+        flip: bool,
+        randaugment_ops: int,
+        cutout: bool,
+    ) -> None:
         super().__init__()
-        padding = round(settings.translate * max(image_size))
+        padding = round(translate * max(image_size))
         weak: list[nn.Module] = []
         if padding:
             weak.append(
                 augmentation.RandomCrop(image_size, padding=padding, padding_mode="reflect")
             )
-        if settings.flip:
+        if flip:
             weak.append(augmentation.RandomHorizontalFlip())
         self.weak_ops = augmentation.AugmentationSequential(*weak) if weak else nn.Identity()
-        self.num_strong_ops = settings.randaugment_ops
+        self.num_strong_ops = randaugment_ops
         self.strong_ops = nn.ModuleList(RandAugment(n=1, m=_KORNIA_MIDDLE_MAGNITUDE).children())
         self.cutout = (
             augmentation.RandomErasing(
                 p=1.0, scale=(0.02, CUTOUT_MAX_AREA), ratio=(1.0, 1.0), value=CUTOUT_FILL
             )
-            if settings.cutout
+            if cutout
             else nn.Identity()
         )
 
@@ -389,105 +312,89 @@ class WeakStrongAugment(nn.Module):
         return self.cutout(augmented)
 
 
-def evaluation_metrics(num_classes: int) -> MetricCollection:
-    """The classification metrics (accuracy, macro precision/recall/F1, top-5), plus precision,
-    recall and F1 averaged with class-frequency weights: what the context-normalization authors'
-    evaluation computed (scikit-learn ``average='weighted'``), so that their Table VI can be
-    read against ours; weighted recall equals accuracy."""
-    metrics = classification_metrics(num_classes)
-    metrics.add_metrics(
-        {
-            "weighted_precision": MulticlassPrecision(num_classes, average="weighted"),
-            "weighted_recall": MulticlassRecall(num_classes, average="weighted"),
-            "weighted_f1": MulticlassF1Score(num_classes, average="weighted"),
-        }
-    )
-    return metrics
-
-
 # --- the Lightning module ----------------------------------------------------------------------
 
 
-class AdaMatchModule(ContextModule):
-    """Trains a classifier by AdaMatch (or on the source only) and evaluates it per domain view.
+class AdaMatchModule(ClassificationModule):
+    """A classifier trained by AdaMatch, or on the labelled source alone, and tested per view.
 
-    Training batches are ``(uint8 images, labels, domain ids)`` holding
-    ``settings.source_batch_size`` source samples followed by ``settings.target_batch_size``
-    target samples (:class:`contextnorm.tasks.adamatch_data.PairedDomainBatches`). The target
-    labels are never used by the loss; they only feed the logged pseudo-label accuracy.
-    Evaluation batches are ``(images, labels, contexts)`` of a named view (see
-    :func:`contextnorm.tasks.adamatch_data.evaluation_views`).
+    Training batches are ``(uint8 images, labels, contexts)`` holding ``n_s =
+    optimization.batch_size`` source samples followed by ``n_t = uratio * n_s`` target
+    samples (:class:`contextnorm.tasks.adaptation_data.PairedDomainBatches`). The target labels
+    never reach a loss; they only feed the logged pseudo-label accuracy. Validation and test
+    are those of :class:`~contextnorm.tasks.classification.ClassificationModule`, one set of
+    metrics per named view.
 
-    Optimisation: ``optimization.optimizer`` ``"adam"`` (the papers: Adam, learning rate 0.03),
-    ``"adamw"`` or ``"sgd"`` (Nesterov; the AdaMatch paper's choice), with
-    ``optimization.weight_decay`` on conv and linear weights only (the Keras example's L2 kernel
+    Optimisation: the optimiser of ``train.optimizer`` (the papers: Adam, learning rate 0.03)
+    with ``train.weight_decay`` on conv and linear weights only (the Keras example's L2 kernel
     regularisers and the AdaMatch authors' code decay those alone; a decayed CN-X ``sigma`` or
-    per-context gain would be pulled away from what it estimates). ``optimization.schedule``
-    ``"cosine"`` decays the rate per step to ``settings.final_lr_fraction`` of it
-    (:func:`cosine_decay`), ``"constant"`` keeps it.
+    per-context gain would be pulled away from what it estimates). ``train.schedule: cosine``
+    decays the rate at every step along a half cosine to ``final_lr_fraction`` of it (Keras
+    ``CosineDecay(lr, T, alpha)``, the papers' schedule with alpha 0.25); the other schedules
+    are those of ``train:``.
 
-    Logged: ``train/loss``, ``train/source_loss``, ``train/target_loss``, ``train/mask_rate``
-    (share of target samples with a pseudo-label), ``train/threshold``, ``train/target_weight``,
-    ``train/pseudo_label_accuracy``, and per evaluation view ``{val,test}/<view>/<metric>``
-    (:func:`evaluation_metrics`) and ``.../loss``.
+    Logged per epoch, besides the classification metrics: ``train/source_loss``,
+    ``train/target_loss``, ``train/mask_rate`` (share of target samples with a pseudo-label),
+    ``train/threshold``, ``train/target_weight`` and ``train/pseudo_label_accuracy``.
 
     Args:
-        model: the classifier; its context layers, if any, must have 2 contexts (the domains).
+        model: the classifier.
+        tested_layers: the norm layers under test inside it.
         preprocess: uint8 -> normalised float, without augmentation (AdaMatch augments
             itself, between the two).
-        optimization: learning rate, weight decay, optimiser, schedule, epochs.
+        augment: the weak and strong views.
+        optimization: the ``train:`` settings; ``batch_size`` is n_s.
         num_classes: number of classes.
-        image_size: side of the (square) training images, for the random shifts.
-        settings: the AdaMatch settings.
+        test_views, val_views: as for :class:`ClassificationModule`.
+        uratio: target images per source image in a batch.
+        tau: the relative confidence ratio.
+        final_lr_fraction: where the cosine schedule ends, as a share of the learning rate.
+        source_only: train on the source loss alone (the target images still share the
+            forward pass, so their batch statistics count, as in the AdaMatch authors'
+            baseline).
     """
 
     def __init__(
         self,
         model: nn.Module,
+        tested_layers: Sequence[nn.Module],
         preprocess: BatchPreprocess,
+        augment: WeakStrongAugment,
         optimization: TrainConfig,
         num_classes: int,
-        image_size: int,
-        settings: AdaMatchSettings,
+        test_views: Sequence[str],
+        val_views: Sequence[str] = (),
+        *,
+        uratio: int,
+        tau: float,
+        final_lr_fraction: float,
+        source_only: bool,
     ) -> None:
-        super().__init__(model, preprocess, optimization)
+        super().__init__(
+            model,
+            tested_layers,
+            preprocess,
+            optimization,
+            num_classes,
+            test_views,
+            val_views,
+            weighted=True,
+        )
         if preprocess.augmentation is not None:
             raise ValueError(
                 "AdaMatch applies its own weak and strong augmentation: build the BatchPreprocess "
                 "with crop_flip=False"
             )
-        if optimization.optimizer not in DA_OPTIMIZERS:
-            raise ValueError(
-                f"optimizer must be one of {tuple(DA_OPTIMIZERS)} for domain adaptation, got "
-                f"{optimization.optimizer!r}"
-            )
-        if optimization.schedule not in DA_SCHEDULES:
-            raise ValueError(
-                f"schedule must be one of {DA_SCHEDULES} for domain adaptation (the papers decay "
-                f"per step along a cosine), got {optimization.schedule!r}"
-            )
-        _check_domain_layers(model)
-        self.settings = settings
-        self.num_classes = num_classes
-        self.augment = WeakStrongAugment((image_size, image_size), settings)
-        self.views: dict[str, list[str]] = {"val": [], "test": []}
-        self.eval_metrics = nn.ModuleDict()
-        # The per-domain loss terms and mu(t) of the latest step, for gradient diagnostics.
+        self.augment = augment
+        self.source_batch_size = optimization.batch_size
+        self.target_batch_size = uratio * optimization.batch_size
+        self.tau = tau
+        self.final_lr_fraction = final_lr_fraction
+        self.source_only = source_only
+        # The per-domain loss terms and mu(t) of the latest step, for gradient measurements
+        # (contextnorm.tasks.gradient_variance).
         self.domain_losses: dict[str, Tensor] = {}
         self.target_weight = 0.0
-
-    def set_views(self, stage: str, views: Sequence[str]) -> None:
-        """Name the ``stage`` ("val" or "test") dataloaders, in order; each view gets its own
-        metrics under ``<stage>/<view>/``."""
-        if stage not in self.views:
-            raise ValueError(f"stage must be 'val' or 'test', got {stage!r}")
-        self.views[stage] = list(views)
-        for view in views:
-            self.eval_metrics[f"{stage}_{view}"] = evaluation_metrics(self.num_classes).clone(
-                prefix=f"{stage}/{view}/"
-            )
-
-    # -- training ---------------------------------------------------------------------------
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         # Training batches stay uint8: the two views are augmented in training_step.
@@ -504,37 +411,36 @@ class AdaMatchModule(ContextModule):
         )
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        images, labels, domains = batch
-        n_source, n_target = self.settings.source_batch_size, self.settings.target_batch_size
+        images, labels, contexts = batch
+        n_source, n_target = self.source_batch_size, self.target_batch_size
         if images.shape[0] != n_source + n_target:
             raise ValueError(
-                f"a training batch must hold source_batch_size + uratio * source_batch_size = "
+                f"a training batch must hold batch_size + uratio * batch_size = "
                 f"{n_source + n_target} images (source first), got {images.shape[0]}; build "
                 "the loader with PairedDomainBatches from the same settings"
             )
         weak, strong = self._normalised_views(images)
-        source_domains, target_domains = domains[:n_source], domains[n_source:]
+        source_contexts, target_contexts = contexts[:n_source], contexts[n_source:]
         combined = torch.cat(
             [weak[:n_source], strong[:n_source], weak[n_source:], strong[n_source:]]
         )
-        combined_domains = torch.cat(
-            [source_domains, source_domains, target_domains, target_domains]
+        combined_contexts = torch.cat(
+            [source_contexts, source_contexts, target_contexts, target_contexts]
         )
         source_labels = labels[:n_source]
 
-        if self.settings.method == SOURCE_ONLY:
-            logits = self(combined, combined_domains)
+        if self.source_only:
+            logits = self(combined, combined_contexts)
             loss = source_loss(logits[:n_source], logits[n_source : 2 * n_source], source_labels)
             self.domain_losses = {"source": loss}
-            self._log_train({"loss": loss, "source_loss": loss}, n_source)
+            self._log_train({"loss": loss, "source_loss": loss}, logits[:n_source], source_labels)
             return loss
 
-        source_images = combined[: 2 * n_source]
         with buffers_restored(self.model):
-            source_only = self(source_images, combined_domains[: 2 * n_source])
-        logits = self(combined, combined_domains)
+            source_alone = self(combined[: 2 * n_source], combined_contexts[: 2 * n_source])
+        logits = self(combined, combined_contexts)
         source_logits = interpolate_logits(
-            logits[: 2 * n_source], source_only, torch.rand_like(source_only)
+            logits[: 2 * n_source], source_alone, torch.rand_like(source_alone)
         )
         target_logits = logits[2 * n_source :]
         self.target_weight = warmup_weight(
@@ -546,11 +452,10 @@ class AdaMatchModule(ContextModule):
             source_labels,
             target_logits[:n_target],
             target_logits[n_target:],
-            tau=self.settings.tau,
+            tau=self.tau,
             target_weight=self.target_weight,
         )
         self.domain_losses = {"source": terms.source, "target": terms.target}
-        pseudo_correct = (terms.pseudo_labels == labels[n_source:]).float().mean()
         self._log_train(
             {
                 "loss": terms.total,
@@ -559,76 +464,56 @@ class AdaMatchModule(ContextModule):
                 "mask_rate": terms.mask.float().mean(),
                 "threshold": terms.threshold,
                 "target_weight": self.target_weight,
-                "pseudo_label_accuracy": pseudo_correct,
+                "pseudo_label_accuracy": (terms.pseudo_labels == labels[n_source:]).float().mean(),
             },
-            n_source,
+            source_logits[:n_source],
+            source_labels,
         )
         return terms.total
 
-    def _log_train(self, values: dict[str, Tensor | float], batch_size: int) -> None:
+    def _log_train(
+        self, values: dict[str, Tensor | float], source_logits: Tensor, source_labels: Tensor
+    ) -> None:
+        """Log the step's values and the accuracy on the weak source view, per epoch."""
+        self.train_accuracy(source_logits.detach(), source_labels)
+        self.log(
+            "train/accuracy",
+            self.train_accuracy,
+            on_step=False,
+            on_epoch=True,
+            batch_size=len(source_labels),
+        )
         for name, value in values.items():
             self.log(
                 f"train/{name}",
                 value.detach() if isinstance(value, Tensor) else value,
                 on_step=False,
                 on_epoch=True,
-                batch_size=batch_size,
+                batch_size=len(source_labels),
                 sync_dist=True,
             )
-
-    # -- evaluation -------------------------------------------------------------------------
-
-    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate("val", batch, dataloader_idx)
-
-    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate("test", batch, dataloader_idx)
-
-    def _evaluate(self, stage: str, batch: Batch, dataloader_idx: int) -> None:
-        images, labels, contexts = batch
-        if dataloader_idx >= len(self.views[stage]):
-            raise ValueError(
-                f"{stage} dataloader {dataloader_idx} has no view name: call "
-                f"set_views({stage!r}, names) with one name per {stage} dataloader"
-            )
-        view = self.views[stage][dataloader_idx]
-        logits = self(images, contexts)
-        metrics = self.eval_metrics[f"{stage}_{view}"]
-        metrics(logits, labels)
-        self.log(
-            f"{stage}/{view}/loss",
-            F.cross_entropy(logits, labels),
-            batch_size=len(labels),
-            add_dataloader_idx=False,
-            sync_dist=True,
-        )
-        self.log_dict(metrics, batch_size=len(labels), add_dataloader_idx=False)
-
-    # -- optimisation -----------------------------------------------------------------------
 
     def configure_optimizers(self) -> Any:
         settings = self.optimization
         decayed, kept = _split_decayed_parameters(self.model)
-        groups = [
-            {"params": decayed, "weight_decay": settings.weight_decay},
-            {"params": kept, "weight_decay": 0.0},
-        ]
-        extra = (
-            {"momentum": settings.momentum, "nesterov": settings.momentum > 0}
-            if settings.optimizer == "sgd"
-            else {}
+        optimizer = build_optimizer(
+            [{"params": decayed}, {"params": kept, "weight_decay": 0.0}], settings
         )
-        optimizer = DA_OPTIMIZERS[settings.optimizer](groups, lr=settings.lr, **extra)
-        if settings.schedule == "constant":
+        if settings.schedule == "cosine":
+            # Per step from lr down to final_lr_fraction * lr: Keras CosineDecay(lr, T, alpha).
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+                optimizer,
+                T_max=max(1, int(self.trainer.estimated_stepping_batches)),
+                eta_min=self.final_lr_fraction * settings.lr,
+            )
+            interval = "step"
+        else:
+            scheduler, interval = build_scheduler(optimizer, settings), "epoch"
+        if scheduler is None:
             return optimizer
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        final_fraction = self.settings.final_lr_fraction
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: cosine_decay(step, total_steps, final_fraction)
-        )
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+            "lr_scheduler": {"scheduler": scheduler, "interval": interval},
         }
 
 
@@ -644,14 +529,3 @@ def _split_decayed_parameters(model: nn.Module) -> tuple[list[nn.Parameter], lis
         [p for p in parameters if id(p) in decayed_ids],
         [p for p in parameters if id(p) not in decayed_ids],
     )
-
-
-def _check_domain_layers(model: nn.Module) -> None:
-    """Every context layer must have one context per domain (source, target)."""
-    for name, module in model.named_modules():
-        if getattr(module, "uses_context", False) and module.num_contexts != NUM_DOMAINS:
-            raise ValueError(
-                f"layer {name or type(module).__name__} has num_contexts={module.num_contexts}, "
-                f"but domain adaptation has {NUM_DOMAINS} contexts: source (id {SOURCE_DOMAIN}) "
-                f"and target (id {TARGET_DOMAIN}); build the context layers with num_contexts=2"
-            )

@@ -1,8 +1,6 @@
-"""Per-epoch variance of the gradients of each domain's loss, the measurement behind the
-"gradient variance evolution" figures: Faye, Azzag, Lebbah, Dilmi and Bouchaffra, "Context
-Normalization Layer with Applications" (slides, December 2023: AdaMatch vs AdaMatch + CN,
-source and target, max and mean per epoch), and Faye, Azzag and Lebbah, "Cluster-Based
-Normalization Layer for Neural Networks", arXiv:2403.16798 v1-v2 (2024), Fig. 12.
+"""Per-epoch variance of the gradients of each domain's loss: the measurement behind the
+"gradient variance evolution" figures of Faye et al. 2023 (the slides: AdaMatch vs AdaMatch +
+CN, source and target, max and mean per epoch) and Faye et al. 2024a (Fig. 12).
 
 The sources do not define the quantity; this module measures the following.
 
@@ -23,14 +21,14 @@ total gradient minus ``mu(t)`` times the target one), none for source-only train
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
 
-EpochRecord = dict[str, float]
 STATISTICS = ("max", "mean")
+MIN_STEPS = 2
+DOMAINS = ("source", "target")
 
 
 def metric_name(domain: str, statistic: str) -> str:
@@ -58,7 +56,7 @@ class _RunningVariance:
 
     def summary(self) -> tuple[float, float]:
         """(max, mean) over entries of the variance; NaN before two steps were seen."""
-        if self.count < 2 or self.squares is None:
+        if self.count < MIN_STEPS or self.squares is None:
             return math.nan, math.nan
         variance = self.squares / self.count
         return float(variance.max()), float(variance.mean())
@@ -74,16 +72,14 @@ def _flat(gradients: list[Tensor | None], parameters: list[Tensor]) -> Tensor:
 
 
 class GradientVariance(L.Callback):
-    """Records, per training epoch, the max and mean gradient variance of each domain's loss
-    (definition in the module docstring).
+    """Logs, per training epoch, the max and mean gradient variance of each domain's loss as
+    ``grad_variance/<domain>/<max|mean>`` (definition in the module docstring).
 
     Works with a module that sets, in every ``training_step``, ``domain_losses`` (``{"source":
     L_source}`` and, for AdaMatch, ``"target": L_target``, both attached to the graph) and
     ``target_weight`` (``mu(t)`` of the step): :class:`contextnorm.tasks.adamatch.AdaMatchModule`.
-
-    Each epoch's values are logged as ``grad_variance/<domain>/<max|mean>`` and kept in
-    :attr:`records` (saved in checkpoints, so a resumed run keeps the earlier epochs). Place it
-    before the callback that collects epoch records so the values land in the same record.
+    Place it before the callback that collects epoch records, so that the values land in the
+    same record (a task's callbacks are placed so).
 
     Raises:
         RuntimeError: at fit start, for several processes (gradients are averaged across them
@@ -91,7 +87,6 @@ class GradientVariance(L.Callback):
     """
 
     def __init__(self) -> None:
-        self.records: list[EpochRecord] = []
         self._variances: dict[str, _RunningVariance] = {}
         self._target_gradient: Tensor | None = None
 
@@ -138,16 +133,10 @@ class GradientVariance(L.Callback):
         self._variances.setdefault("source", _RunningVariance()).add(source)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        record: EpochRecord = {"epoch": float(trainer.current_epoch)}
         for domain, running in self._variances.items():
+            if running.count < MIN_STEPS:
+                # A variance needs two steps; NaN would read as a diverged run.
+                continue
             for statistic, value in zip(STATISTICS, running.summary(), strict=True):
-                record[metric_name(domain, statistic)] = value
                 pl_module.log(metric_name(domain, statistic), value, on_epoch=True)
-        self.records.append(record)
         self._variances = {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"records": [dict(record) for record in self.records]}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.records = [dict(record) for record in state_dict["records"]]
