@@ -1,42 +1,35 @@
 """AdaMatch: each function against a hand-computed reference, the training module on tiny data
-with BatchNorm and CN, the gradient-variance record and figure, and bad setups."""
+with BatchNorm and CN, the gradient-variance measurement, and bad setups."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
 import contextnorm as cn
 from contextnorm.config import TrainConfig
-from contextnorm.data.mnist_m import digits_domain_pair
 from contextnorm.models.wide_resnet import WideResNet
+from contextnorm.tasks import build_task
 from contextnorm.tasks.adamatch import (
     AdaMatchModule,
-    AdaMatchSettings,
     WeakStrongAugment,
     adamatch_loss,
     align_distribution,
     buffers_restored,
-    cosine_decay,
     interpolate_logits,
     relative_confidence_threshold,
     source_loss,
     warmup_weight,
 )
-from contextnorm.tasks.adamatch_data import (
-    DomainAdaptationDataModule,
-    evaluation_views,
-    training_split,
-)
-from contextnorm.tasks.adamatch_gradients import GradientVariance, _RunningVariance
-from contextnorm.tasks.adamatch_plots import plot_gradient_variance
-from contextnorm.training.preprocess import BatchPreprocess
+from contextnorm.tasks.adaptation_data import DomainAdaptationDataModule
+from contextnorm.tasks.gradient_variance import GradientVariance, _RunningVariance
+from contextnorm.tasks.preprocess import BatchPreprocess
+
+from tiny import tiny_adaptation_config
 
 IMAGE_SIZE = 8
 
@@ -134,13 +127,6 @@ def test_warmup_schedule_values() -> None:
         warmup_weight(1, 0)
 
 
-def test_cosine_decay_ends_at_the_final_fraction() -> None:
-    assert cosine_decay(0, 100, 0.25) == 1.0
-    assert cosine_decay(50, 100, 0.25) == pytest.approx(0.625)
-    assert cosine_decay(100, 100, 0.25) == pytest.approx(0.25)
-    assert cosine_decay(150, 100, 0.25) == pytest.approx(0.25)
-
-
 def test_total_loss_against_a_hand_computed_reference() -> None:
     source_weak = torch.tensor([[2.0, 0.0]], requires_grad=True)
     source_strong = torch.tensor([[1.0, 0.0]], requires_grad=True)
@@ -229,7 +215,7 @@ def test_what_the_combined_pass_means_for_each_norm(factory, interpolation_acts:
 
 
 def test_weak_view_is_a_shift_and_strong_views_differ_per_image() -> None:
-    augment = WeakStrongAugment((8, 8), AdaMatchSettings())
+    augment = WeakStrongAugment((8, 8), translate=0.125, flip=False, randaugment_ops=2, cutout=True)
     image = torch.rand(1, 3, 8, 8)
     batch = image.expand(16, -1, -1, -1).contiguous()
     torch.manual_seed(0)
@@ -256,34 +242,14 @@ def test_weak_view_is_a_shift_and_strong_views_differ_per_image() -> None:
 
 
 def tiny_setup(
-    norm: str, method: str = "adamatch", *, placement: str = "all", num_contexts: int = 2
+    tmp_path, *overrides: str, method: str = "cn"
 ) -> tuple[AdaMatchModule, DomainAdaptationDataModule]:
-    pair = digits_domain_pair(image_size=IMAGE_SIZE)
-    views = evaluation_views(pair)
-    settings = AdaMatchSettings(method=method, source_batch_size=4, uratio=2)
-    data = DomainAdaptationDataModule(
-        training_split(pair),
-        {"source": views["source"], "target": views["target"]},
-        views,
-        source_batch_size=settings.source_batch_size,
-        uratio=settings.uratio,
-        eval_batch_size=128,
-    )
-    factory = (
-        nn.BatchNorm2d if norm == "bn" else lambda c: cn.ContextNorm(c, num_contexts=num_contexts)
-    )
-    model = WideResNet(depth=10, widen_factor=1, norm_layer=factory, placement=placement)
-    module = AdaMatchModule(
-        model,
-        BatchPreprocess([0.5] * 3, [0.25] * 3, (IMAGE_SIZE, IMAGE_SIZE), crop_flip=False),
-        TrainConfig(optimizer="adam", lr=0.003, weight_decay=5e-4, schedule="cosine", epochs=1),
-        pair.num_classes,
-        IMAGE_SIZE,
-        settings,
-    )
-    module.set_views("val", ["source", "target"])
-    module.set_views("test", list(views))
-    return module, data
+    """The module and data of one method of the tiny digits adaptation, built by the task."""
+    task = build_task(tiny_adaptation_config(tmp_path, f"methods=[{method}]", *overrides))
+    task.setup()
+    module = task.build_module(0)
+    assert isinstance(module, AdaMatchModule)
+    return module, task.datamodule(0, module)
 
 
 def fit(
@@ -307,55 +273,51 @@ def fit(
 @pytest.mark.slow
 @pytest.mark.parametrize(("norm", "placement"), [("bn", "all"), ("cn", "all"), ("cn", "input")])
 def test_adamatch_trains_with_finite_loss_and_records_gradient_variance(
-    norm: str, placement: str
+    tmp_path, norm: str, placement: str
 ) -> None:
     torch.manual_seed(0)
-    module, data = tiny_setup(norm, placement=placement)
+    module, data = tiny_setup(tmp_path, f"model.placement={placement}", method=norm)
     before = [p.detach().clone() for p in module.parameters()]
-    recorder = GradientVariance()
-    trainer = fit(module, data, steps=3, callbacks=[recorder])
+    trainer = fit(module, data, steps=3, callbacks=[GradientVariance()])
     metrics = trainer.callback_metrics
     for name in ("train/loss", "train/source_loss", "train/target_loss", "val/target/accuracy"):
         assert torch.isfinite(metrics[name]), name
     assert 0.0 <= float(metrics["train/mask_rate"]) <= 1.0
     assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
-    (record,) = recorder.records
     for domain in ("source", "target"):
         for statistic in ("max", "mean"):
-            value = record[f"grad_variance/{domain}/{statistic}"]
+            value = float(metrics[f"grad_variance/{domain}/{statistic}"])
             assert math.isfinite(value) and value >= 0.0
-        assert record[f"grad_variance/{domain}/max"] >= record[f"grad_variance/{domain}/mean"]
+        assert metrics[f"grad_variance/{domain}/max"] >= metrics[f"grad_variance/{domain}/mean"]
+    # Weight decay on conv and linear weights only; the per-step cosine ends at 0.25 x lr.
+    decayed, kept = trainer.optimizers[0].param_groups
+    assert decayed["weight_decay"] == 5e-4 and kept["weight_decay"] == 0.0
+    norm_parameters = {id(p) for layer in module.tested_layers for p in layer.parameters()}
+    assert norm_parameters <= {id(p) for p in kept["params"]}
+    assert decayed["lr"] == pytest.approx(0.25 * 0.003)
     results = trainer.test(module, data, verbose=False)
-    assert [next(iter(r)).split("/")[1] for r in results] == [
-        "source",
-        "target",
-        "target_as_source",
-        "target_unknown",
-    ]
+    assert [next(iter(r)).split("/")[1] for r in results] == module.test_views
 
 
 @pytest.mark.slow
-def test_source_only_trains_on_the_source_loss_alone() -> None:
+def test_source_only_trains_on_the_source_loss_alone(tmp_path) -> None:
     torch.manual_seed(0)
-    module, data = tiny_setup("cn", method="source_only")
-    recorder = GradientVariance()
-    trainer = fit(module, data, steps=2, callbacks=[recorder])
-    assert torch.isfinite(trainer.callback_metrics["train/loss"])
-    assert "train/target_loss" not in trainer.callback_metrics
-    assert set(recorder.records[0]) == {
-        "epoch",
-        "grad_variance/source/max",
-        "grad_variance/source/mean",
-    }
+    module, data = tiny_setup(tmp_path, "task.options.source_only=[cn]")
+    trainer = fit(module, data, steps=2, callbacks=[GradientVariance()])
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"])
+    assert "train/target_loss" not in metrics and "grad_variance/target/max" not in metrics
+    assert metrics["train/loss"] == metrics["train/source_loss"]
+    assert "grad_variance/source/max" in metrics
 
 
 @pytest.mark.slow
-def test_target_labels_never_reach_the_loss() -> None:
+def test_target_labels_never_reach_the_loss(tmp_path) -> None:
     def train_loss(shuffle_target_labels: bool) -> tuple[float, float]:
         torch.manual_seed(0)
-        module, data = tiny_setup("bn")
+        module, data = tiny_setup(tmp_path, method="bn")
         if shuffle_target_labels:
-            target = data.train.contexts == 1
+            target = data.train.data.domains == 1
             labels = data.train.data.labels
             labels[target] = (labels[target] + 1) % 10
         torch.manual_seed(1)
@@ -417,21 +379,21 @@ def test_gradient_variance_separates_the_domain_gradients_exactly() -> None:
         for _ in range(5)
     ]
     toy = ToyDomains(batches, weight=0.3)
-    recorder = GradientVariance()
-    L.Trainer(
+    trainer = L.Trainer(
         max_epochs=1,
-        callbacks=[recorder],
+        callbacks=[GradientVariance()],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-    ).fit(toy)
+    )
+    trainer.fit(toy)
     # Reference: each domain's gradient per step, computed directly.
     gradients: dict[str, list[torch.Tensor]] = {"source": [], "target": []}
     for step in range(5):
         for domain, loss in zip(("source", "target"), toy.losses(step), strict=True):
             gradients[domain].append(torch.autograd.grad(loss, toy.w)[0])
-    (record,) = recorder.records
+    record = {name: float(value) for name, value in trainer.callback_metrics.items()}
     for domain, values in gradients.items():
         variance = torch.stack(values).double().var(dim=0, unbiased=False)
         assert record[f"grad_variance/{domain}/max"] == pytest.approx(
@@ -442,72 +404,30 @@ def test_gradient_variance_separates_the_domain_gradients_exactly() -> None:
         )
 
 
-def test_gradient_variance_state_round_trips() -> None:
-    recorder = GradientVariance()
-    recorder.records = [{"epoch": 0.0, "grad_variance/source/max": 2.0}]
-    restored = GradientVariance()
-    restored.load_state_dict(recorder.state_dict())
-    assert restored.records == recorder.records
-
-
-def test_gradient_variance_plot(tmp_path: Path) -> None:
-    def history(scale: float, target: bool) -> list[dict[str, float]]:
-        records = []
-        for epoch in range(4):
-            record = {"epoch": float(epoch)}
-            for statistic, factor in (("max", 10.0), ("mean", 1.0)):
-                record[f"grad_variance/source/{statistic}"] = scale * factor / (epoch + 1)
-                if target:
-                    record[f"grad_variance/target/{statistic}"] = 2 * scale * factor / (epoch + 1)
-            records.append(record)
-        return records
-
-    path = plot_gradient_variance(
-        {
-            "AdaMatch": [history(1.0, True), history(1.2, True)],
-            "AdaMatch + CN": [history(0.5, True), history(0.6, True)],
-            "source only": [history(0.8, False)],
-        },
-        tmp_path / "gradient_variance.png",
-        domain_names=("MNIST", "SVHN"),
-    )
-    with Image.open(path) as image:
-        assert image.size[0] > 400 and image.size[1] > 300
-
-
 # --- bad setups --------------------------------------------------------------------------------
 
 
-def test_context_layers_must_have_one_context_per_domain() -> None:
-    with pytest.raises(ValueError, match="num_contexts=3.*2 contexts: source"):
-        tiny_setup("cn", num_contexts=3)
-
-
-def test_settings_and_optimisation_are_checked_before_training() -> None:
-    with pytest.raises(ValueError, match="method must be one of"):
-        AdaMatchSettings(method="fixmatch")
-    with pytest.raises(ValueError, match="uratio must be a positive integer"):
-        AdaMatchSettings(uratio=0)
-    with pytest.raises(ValueError, match="tau must be in"):
-        AdaMatchSettings(tau=1.2)
-    with pytest.raises(ValueError, match="randaugment_ops must be a positive integer"):
-        AdaMatchSettings(randaugment_ops=0)
-    model = WideResNet(depth=10, widen_factor=1)
-    preprocess = BatchPreprocess([0.5] * 3, [0.25] * 3, (8, 8), crop_flip=False)
-    with pytest.raises(ValueError, match="schedule must be one of"):
-        AdaMatchModule(
-            model, preprocess, TrainConfig(schedule="multistep"), 10, 8, AdaMatchSettings()
-        )
-    with pytest.raises(ValueError, match="optimizer must be one of"):
-        AdaMatchModule(model, preprocess, TrainConfig(optimizer="lion"), 10, 8, AdaMatchSettings())
+def test_the_module_refuses_a_preprocess_that_augments() -> None:
     augmenting = BatchPreprocess([0.5] * 3, [0.25] * 3, (8, 8), crop_flip=True)
     with pytest.raises(ValueError, match="crop_flip=False"):
-        AdaMatchModule(model, augmenting, TrainConfig(), 10, 8, AdaMatchSettings())
+        AdaMatchModule(
+            WideResNet(depth=10, widen_factor=1),
+            [],
+            augmenting,
+            WeakStrongAugment((8, 8), translate=0.125, flip=False, randaugment_ops=2, cutout=True),
+            TrainConfig(),
+            10,
+            ["source"],
+            uratio=3,
+            tau=0.9,
+            final_lr_fraction=0.25,
+            source_only=False,
+        )
 
 
 @pytest.mark.slow
-def test_a_loader_with_the_wrong_batch_layout_is_a_clear_error() -> None:
-    module, data = tiny_setup("bn")
-    data.sampler.target_batch_size = 3  # disagrees with settings.uratio = 2
-    with pytest.raises(ValueError, match="must hold source_batch_size \\+ uratio"):
+def test_a_loader_with_the_wrong_batch_layout_is_a_clear_error(tmp_path) -> None:
+    module, data = tiny_setup(tmp_path, method="bn")
+    data.sampler.target_batch_size = 3  # disagrees with uratio = 2
+    with pytest.raises(ValueError, match="must hold batch_size \\+ uratio"):
         fit(module, data, steps=1)

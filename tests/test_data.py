@@ -22,15 +22,13 @@ from contextnorm.data import DATASETS, ImageData, default_data_root, load_datase
 from contextnorm.data.decode import cache_entries, cache_folder, clear_cache
 from contextnorm.data.files import RemoteFile, ensure_files, fetch
 
+from data_files import write_idx
+
 SHARED_MNIST = Path("/work/shared/data/mnist")
 
 
-@pytest.fixture(autouse=True)
-def private_data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Send the decoded-image cache (and any default root) to a per-test folder."""
-    root = tmp_path / "data-root"
-    monkeypatch.setenv("CONTEXTNORM_DATA", str(root))
-    return root
+# The decoded-image cache (and any default root) goes to a per-test folder.
+pytestmark = pytest.mark.usefixtures("private_data_root")
 
 
 def random_pixels(rng: np.random.Generator, *shape: int) -> np.ndarray:
@@ -174,6 +172,7 @@ def test_unknown_name_split_and_image_size_list_the_valid_ones() -> None:
         "tiny-imagenet",
         "oxford-pet",
         "image-folder",
+        "mnist-m-style",
     )
 
 
@@ -241,14 +240,6 @@ def test_failed_download_still_explains_where_files_go(tmp_path: Path) -> None:
 
 
 # --- MNIST ----------------------------------------------------------------------------------------
-
-
-def write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(size).to_bytes(4, "big") for size in array.shape
-    )
-    content = header + array.astype(np.uint8).tobytes()
-    path.write_bytes(gzip.compress(content) if compress else content)
 
 
 @pytest.mark.parametrize("compress", [True, False])

@@ -16,6 +16,7 @@ from contextnorm.models import (
     Placement,
     ShallowCNN,
     VisionTransformer,
+    WideResNet,
     build_model,
     densenet40,
     densenet100,
@@ -324,6 +325,7 @@ def test_gradient_reaches_every_parameter(
         ("densenet", DenseNet, {"depth": 10, "growth_rate": 4}),
         ("densenet40", DenseNet, {"growth_rate": 2}),
         ("vit", VisionTransformer, TINY_VIT_SIZES),
+        ("wide_resnet", WideResNet, {"depth": 10, "widen_factor": 1}),
     ],
 )
 def test_build_model_builds_the_named_model_with_its_default_placement(
@@ -347,4 +349,11 @@ def test_build_model_rejects_unknown_names_and_arguments() -> None:
         build_model("shallow_cnn", widht=(4, 8), **common)
     with pytest.raises(ValueError, match="base_norm_layer does not apply"):
         build_model("vit", base_norm_layer=nn.BatchNorm2d, **common)
-    assert set(MODELS) == {"shallow_cnn", "densenet40", "densenet100", "densenet", "vit"}
+    assert set(MODELS) == {
+        "shallow_cnn",
+        "densenet40",
+        "densenet100",
+        "densenet",
+        "vit",
+        "wide_resnet",
+    }
