@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from threadpoolctl import threadpool_limits
 
 from contextnorm.config import PlotConfig, TrainConfig
 from contextnorm.methods import BatchNorm
-from contextnorm.metrics import MetricSpec, paired_difference, summarize
+from contextnorm.metrics import MetricSpec, ReportSpec, ViewSpec, paired_difference, summarize
 from contextnorm.runner.activations import ActivationSample, capture_activations
 from contextnorm.runner.plots import (
     plot_activation_histograms,
@@ -170,3 +172,14 @@ def test_capture_records_the_hooked_layer_input_and_pooled_output() -> None:
     assert module.training, "capture restores the module's training mode"
     with pytest.raises(ValueError, match=r"plots\.channel=7"):
         capture_activations(probe, module, norm, plots=PlotConfig(channel=7, samples=8), seed=0)
+
+
+def test_a_report_spec_with_further_curve_figures_round_trips() -> None:
+    spec = ReportSpec(
+        about=["data"],
+        views={"test": ViewSpec("test", "the test images")},
+        metrics=[MetricSpec("accuracy", "accuracy", 0.0, 1.0)],
+        curves=[MetricSpec("train/loss", "training loss", lower=0.0)],
+        curve_figures={"gradients": [MetricSpec("grad/max", "max gradient", lower=0.0)]},
+    )
+    assert ReportSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec

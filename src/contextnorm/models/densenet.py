@@ -129,15 +129,8 @@ class DenseNet(NormSiteModel):
         self.features = nn.Sequential(*stages)
         self.classifier = nn.Linear(channels, num_classes)
         self._set_norm_sites(sites)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # He initialisation of the convs and a zero classifier bias, as in the DenseNet code;
-        # the norm modules keep their own initialisation.
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        nn.init.zeros_(self.classifier.bias)
+        # As in the DenseNet code: fan out.
+        self._he_initialise(self.classifier, "fan_out")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits (N, num_classes) for images (N, in_channels, H, W)."""

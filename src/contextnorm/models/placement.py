@@ -231,3 +231,11 @@ class NormSiteModel(nn.Module):
     def norm_sites(self) -> list[nn.Module]:
         """The norm module of every site in forward order (e.g. to hook activations)."""
         return list(self._norm_site_modules)
+
+    def _he_initialise(self, classifier: nn.Linear, mode: str) -> None:
+        """He-normal convs (``mode``: ``"fan_in"`` or ``"fan_out"``) and a zero ``classifier``
+        bias; the norm modules keep their own initialisation."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode=mode, nonlinearity="relu")
+        nn.init.zeros_(classifier.bias)

@@ -127,15 +127,8 @@ class WideResNet(NormSiteModel):
         self.head = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.classifier = nn.Linear(channels, num_classes)
         self._set_norm_sites(sites)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # He-normal convs (Keras "he_normal", fan in) and a zero classifier bias; the norm
-        # modules keep their own initialisation.
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
-        nn.init.zeros_(self.classifier.bias)
+        # Keras "he_normal": fan in.
+        self._he_initialise(self.classifier, "fan_in")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits (N, num_classes) for images (N, in_channels, H, W)."""

@@ -80,11 +80,13 @@ def plot_curves(
     # One colour per method in every panel, even where a method has no finite value.
     colours = {method: f"C{index % 10}" for index, method in enumerate(histories)}
     counts = []
+    drawn = set()
     for spec, axis in zip(panels, axes, strict=True):
         for method, runs in histories.items():
             epochs, summaries = _per_epoch(runs, spec.key)
             if not epochs:
                 continue
+            drawn.add(method)
             counts.append(len(runs))
             mean = np.array([summary.mean for summary in summaries])
             spread = np.nan_to_num(np.array([summary.std for summary in summaries]))
@@ -98,12 +100,17 @@ def plot_curves(
         if spec.lower is not None:
             axis.set_ylim(bottom=spec.lower)
         axis.grid(alpha=0.3)
-    handles = [
-        Line2D([], [], color=colours[method], marker="o", markersize=3) for method in histories
-    ]
+    # The legend names the methods drawn, and those that diverged (which may have no line); a
+    # figure of values only some methods record (a measurement) leaves the others out.
+    shown = {
+        method: runs
+        for method, runs in histories.items()
+        if method in drawn or diverged.get(method)
+    }
+    handles = [Line2D([], [], color=colours[method], marker="o", markersize=3) for method in shown]
     labels = [
         f"{method} ({diverged[method]} of {len(runs)} diverged)" if diverged.get(method) else method
-        for method, runs in histories.items()
+        for method, runs in shown.items()
     ]
     figure.legend(handles, labels, loc="outside lower center", ncols=min(6, len(labels)))
     figure.suptitle(f"mean over seeds, band: ± sample std ({_seed_counts(counts)} per method)")

@@ -433,7 +433,8 @@ class AdaMatchModule(ClassificationModule):
             logits = self(combined, combined_contexts)
             loss = source_loss(logits[:n_source], logits[n_source : 2 * n_source], source_labels)
             self.domain_losses = {"source": loss}
-            self._log_train({"loss": loss, "source_loss": loss}, logits[:n_source], source_labels)
+            self._log_training(loss, logits[:n_source], source_labels)
+            self._log_terms({"source_loss": loss}, n_source)
             return loss
 
         with buffers_restored(self.model):
@@ -456,9 +457,10 @@ class AdaMatchModule(ClassificationModule):
             target_weight=self.target_weight,
         )
         self.domain_losses = {"source": terms.source, "target": terms.target}
-        self._log_train(
+        # Accuracy on the weak source view.
+        self._log_training(terms.total, source_logits[:n_source], source_labels)
+        self._log_terms(
             {
-                "loss": terms.total,
                 "source_loss": terms.source,
                 "target_loss": terms.target,
                 "mask_rate": terms.mask.float().mean(),
@@ -466,30 +468,19 @@ class AdaMatchModule(ClassificationModule):
                 "target_weight": self.target_weight,
                 "pseudo_label_accuracy": (terms.pseudo_labels == labels[n_source:]).float().mean(),
             },
-            source_logits[:n_source],
-            source_labels,
+            n_source,
         )
         return terms.total
 
-    def _log_train(
-        self, values: dict[str, Tensor | float], source_logits: Tensor, source_labels: Tensor
-    ) -> None:
-        """Log the step's values and the accuracy on the weak source view, per epoch."""
-        self.train_accuracy(source_logits.detach(), source_labels)
-        self.log(
-            "train/accuracy",
-            self.train_accuracy,
-            on_step=False,
-            on_epoch=True,
-            batch_size=len(source_labels),
-        )
+    def _log_terms(self, values: dict[str, Tensor | float], batch_size: int) -> None:
+        """Log the step's loss terms and pseudo-label statistics, averaged over the epoch."""
         for name, value in values.items():
             self.log(
                 f"train/{name}",
                 value.detach() if isinstance(value, Tensor) else value,
                 on_step=False,
                 on_epoch=True,
-                batch_size=len(source_labels),
+                batch_size=batch_size,
                 sync_dist=True,
             )
 

@@ -182,17 +182,17 @@ class AdaptationTask(Task):
         labels = [method.display_name for method in config.methods]
         for index, method in enumerate(config.methods):
             get_method(method.name, method_location(config, index))
-            kind = (method.contexts or config.contexts).kind
-            if method.contexts is not None and kind not in CONTEXT_KINDS:
+            if method.contexts is not None and method.contexts.kind not in CONTEXT_KINDS:
                 raise ConfigError(
                     f"methods[{index}].contexts.kind: domain adaptation takes {CONTEXT_KINDS}, "
-                    f"got {kind!r}"
+                    f"got {method.contexts.kind!r}"
                 )
+        measured = options.gradient_variance
         for key, named in (
             ("source_only", options.source_only),
-            ("gradient_variance", options.gradient_variance or []),
+            ("gradient_variance", measured if isinstance(measured, list) else []),
         ):
-            unknown = [label for label in named if label not in labels] if named is not True else []
+            unknown = [label for label in named if label not in labels]
             if unknown:
                 raise ConfigError(
                     f"task.options.{key} names {unknown}, which are not method labels "

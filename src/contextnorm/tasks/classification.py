@@ -177,11 +177,21 @@ class ClassificationModule(TaskModule):
         images, labels, contexts = batch
         logits = self(images, contexts)
         loss = F.cross_entropy(logits, labels)
-        self.train_accuracy(logits, labels)
+        self._log_training(loss, logits, labels)
+        return loss
+
+    def _log_training(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Log a training step's loss and accuracy, averaged over the epoch."""
+        self.train_accuracy(logits.detach(), labels)
         # Losses are plain tensors: sync_dist averages them over processes under multi-device
         # training (a no-op on one device); the torchmetrics objects synchronise themselves.
         self.log(
-            "train/loss", loss, on_step=False, on_epoch=True, batch_size=len(labels), sync_dist=True
+            "train/loss",
+            loss.detach(),
+            on_step=False,
+            on_epoch=True,
+            batch_size=len(labels),
+            sync_dist=True,
         )
         self.log(
             "train/accuracy",
@@ -190,7 +200,6 @@ class ClassificationModule(TaskModule):
             on_epoch=True,
             batch_size=len(labels),
         )
-        return loss
 
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         if dataloader_idx == 0:
