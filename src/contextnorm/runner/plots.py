@@ -77,8 +77,10 @@ def plot_curves(
     """
     diverged = diverged or {}
     figure, axes = _figure(len(panels), columns=2)
-    # One colour per method in every panel, even where a method has no finite value.
+    # One colour per method in every panel, even where a method has no finite value; past ten
+    # methods the colours come again, dashed.
     colours = {method: f"C{index % 10}" for index, method in enumerate(histories)}
+    dashes = {method: "-" if index < 10 else "--" for index, method in enumerate(histories)}
     counts = []
     drawn = set()
     for spec, axis in zip(panels, axes, strict=True):
@@ -92,7 +94,7 @@ def plot_curves(
             spread = np.nan_to_num(np.array([summary.std for summary in summaries]))
             low = np.array([spec.clip(value) for value in mean - spread])
             high = np.array([spec.clip(value) for value in mean + spread])
-            axis.plot(epochs, mean, marker="o", markersize=3, color=colours[method])
+            axis.plot(epochs, mean, dashes[method], marker="o", markersize=3, color=colours[method])
             axis.fill_between(epochs, low, high, color=colours[method], alpha=0.2)
         axis.set_title(spec.title)
         axis.set_xlabel("epoch")
@@ -107,7 +109,10 @@ def plot_curves(
         for method, runs in histories.items()
         if method in drawn or diverged.get(method)
     }
-    handles = [Line2D([], [], color=colours[method], marker="o", markersize=3) for method in shown]
+    handles = [
+        Line2D([], [], linestyle=dashes[method], color=colours[method], marker="o", markersize=3)
+        for method in shown
+    ]
     labels = [
         f"{method} ({diverged[method]} of {len(runs)} diverged)" if diverged.get(method) else method
         for method, runs in shown.items()
@@ -201,7 +206,9 @@ def plot_metric_summary(
     axes[0].set_xlim(*_padded_limits(axes[0].get_xlim(), lower, upper))
     axes[0].grid(axis="x", alpha=0.3)
     if len(views) > 1:
-        axes[0].legend(fontsize="small")
+        # Below the panels: inside, the legend would hide the first rows' points.
+        handles, labels = axes[0].get_legend_handles_labels()
+        figure.legend(handles, labels, loc="outside lower center", fontsize="small")
     if columns == 2:
         axes[1].axvline(0.0, color="0.3", linewidth=1)
         axes[1].set_xlabel(f"{metric.title}{unit} minus {baseline}'s, paired by seed")

@@ -275,9 +275,9 @@ class AdaptationTask(Task):
         }
         notes = [
             "Precision, recall and F1 are macro averages over the classes, the column names of "
-            "the papers' domain-adaptation tables. The numbers in those tables were computed "
-            "with scikit-learn's average='weighted' (the authors' evaluation code), whence "
-            "their recall equals their accuracy; the weighted precision and F1 are reported "
+            "the papers' domain-adaptation tables. The authors' evaluation code computes them "
+            "with scikit-learn's average='weighted', which makes recall equal accuracy (as in "
+            "the tables' CN, CN-X and CN-E rows); the weighted precision and F1 are reported "
             "here too (the weighted recall is the accuracy itself).",
             "Models without context layers ignore the context, so their three target views "
             "coincide.",
@@ -321,7 +321,8 @@ class AdaptationTask(Task):
         )
         adapted = [label for label in self._labels() if label not in options.source_only]
         placement = {
-            "input": "one norm on the input image, BatchNorm elsewhere (the authors' code)",
+            "input": "one norm on the input image, BatchNorm elsewhere (the "
+            "context-normalization authors' released code)",
             "all": "every norm replaced (the papers' text)",
         }.get(config.model.placement, config.model.placement)
         shape = "x".join(map(str, domains.source.train.images.shape[1:]))
@@ -440,21 +441,24 @@ class AdaptationTask(Task):
         return {view: tested.get(view, tested["target"]) for view in VIEWS}
 
     def probe(self, index: int, module: TaskModule, count: int, seed: int) -> Probe:
-        """Half the samples from the source test images, half from the target's, each with its
-        own context (the 'true domain id' view)."""
+        """Half the samples from the source test images, half from the target's, each run with
+        its own context (the 'true domain id' view) and drawn in its domain."""
         assert isinstance(module, AdaMatchModule)
         rng = np.random.default_rng(seed)
-        images, contexts, labels = [], [], []
-        for view, share in zip(SOURCE_VIEWS, (count // 2, count - count // 2), strict=True):
+        images, contexts, domains, labels = [], [], [], []
+        for domain, (view, share) in enumerate(
+            zip(SOURCE_VIEWS, (count // 2, count - count // 2), strict=True)
+        ):
             split = self.contexts[index].test[view]
             chosen = torch.from_numpy(np.sort(rng.permutation(len(split.data))[:share]))
             images.append(split.data.images[chosen])
             contexts.append(split.contexts[chosen])
+            domains.append(torch.full((len(chosen),), domain, dtype=torch.int64))
             labels.append(split.data.labels[chosen])
         batch = module.preprocess(torch.cat(images).to(module.device), augment=False)
-        probe = Probe(contexts=torch.cat(contexts), labels=torch.cat(labels))
-        module(batch, probe.contexts.to(module.device))
-        return probe
+        module(batch, torch.cat(contexts).to(module.device))
+        # The figures name the domains: an ablation's random contexts would be mislabelled.
+        return Probe(contexts=torch.cat(domains), labels=torch.cat(labels))
 
 
 def _options(options: dict[str, Any]) -> str:

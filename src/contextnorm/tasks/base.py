@@ -37,7 +37,10 @@ class Probe:
     """What :meth:`Task.probe` ran through the model: the samples' contexts and labels.
 
     Attributes:
-        contexts: int64 (N,) the context id each sample was run with (-1: unknown).
+        contexts: int64 (N,) the group the figures draw each sample in, named by
+            ``ReportSpec.context_names``: the context id it was run with (-1: unknown), unless
+            the task names other groups (domain adaptation: the sample's domain, whatever
+            contexts an ablation ran with).
         labels: int64 (N,) the samples' labels (-1 where the task has none).
     """
 
