@@ -102,6 +102,9 @@ def _moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Mean, variance and the values in the statistics dtype (``x`` itself when it has that dtype)."""
     n, c, length = x.shape
     wide = x.to(statistics_dtype(x.dtype))
+    if wide.numel() == 0:
+        empty = wide.new_zeros(n, c)
+        return empty, empty.clone(), wide
     if length == 1:
         flat = wide.reshape(n, c)
         return flat.clone(), torch.zeros_like(flat), wide

@@ -120,7 +120,7 @@ class _ContextNormBase(NormBase):
             if self.training and self.estimate_prior:
                 self._update_prior(assignment)
             moments = F.sample_moments(x3) if self._needs_moments(assignment) else None
-            mean, var = self._context_statistics(assignment, moments, x3.shape[2])
+            mean, var = self._context_statistics(x3, assignment, moments)
             scale, shift = self._coefficients(mean, var, assignment, moments, x3.shape[2])
             values = x3 if moments is None else moments.values
             return restore(F.apply_sample_affine(values, scale, shift).to(x.dtype))
@@ -129,9 +129,9 @@ class _ContextNormBase(NormBase):
         return assignment.unknown is not None
 
     def _context_statistics(
-        self, assignment: ContextAssignment, moments: F.Moments | None, positions: int
+        self, x: Tensor, assignment: ContextAssignment, moments: F.Moments | None
     ) -> tuple[Tensor, Tensor]:
-        """Per-context mean and variance (K, C)."""
+        """Per-context mean and variance (K, C) for the batch ``x`` (N, C, L)."""
         raise NotImplementedError
 
     def _batch_statistics(
@@ -266,11 +266,12 @@ class ContextNorm(RunningStatsMixin, _ContextNormBase):
         return self._uses_batch_statistics() or assignment.unknown is not None
 
     def _context_statistics(
-        self, assignment: ContextAssignment, moments: F.Moments | None, positions: int
+        self, x: Tensor, assignment: ContextAssignment, moments: F.Moments | None
     ) -> tuple[Tensor, Tensor]:
         if not self._uses_batch_statistics():
             return self.running_mean, self.running_var
         assert moments is not None
+        positions = x.shape[2]
         if self.training and assignment.checked:
             self._check_known(assignment, positions)
         mean, var, count = self._batch_statistics(assignment, moments, positions)
@@ -304,9 +305,9 @@ class _LearnedStatisticsBase(_ContextNormBase):
 
     ``initialized`` (K,) marks the contexts whose statistics were set from data (or from a
     converted BatchNorm). Until every context is marked, training batches compute their
-    per-context statistics and copy them into the new contexts' parameters with
-    ``torch.where``; eager mode then reads one flag on the host to stop doing so once every
-    context is marked, a compiled graph keeps the (cheap, fused) update.
+    per-context statistics (without gradient) and copy them into the new contexts'
+    parameters with ``torch.where``; eager mode then reads one flag on the host to stop doing
+    so once every context is marked, a compiled graph keeps the (cheap, fused) update.
     """
 
     def __init__(self, *args: object, data_init: bool, **kwargs: object) -> None:
@@ -324,16 +325,15 @@ class _LearnedStatisticsBase(_ContextNormBase):
     def _initializing(self) -> bool:
         return self.training and self._init_pending
 
-    def _needs_moments(self, assignment: ContextAssignment) -> bool:
-        return assignment.unknown is not None or self._initializing()
-
     def _context_statistics(
-        self, assignment: ContextAssignment, moments: F.Moments | None, positions: int
+        self, x: Tensor, assignment: ContextAssignment, moments: F.Moments | None
     ) -> tuple[Tensor, Tensor]:
         if self._initializing():
-            assert moments is not None
+            # Outside autograd, so that the graph (and what activation checkpointing saves and
+            # recomputes) is the same before and after the start.
             with torch.no_grad():
-                mean, var, count = self._batch_statistics(assignment, moments, positions)
+                batch = F.sample_moments(x) if moments is None else moments
+                mean, var, count = self._batch_statistics(assignment, batch, x.shape[2])
                 self._initialize(mean, var.clamp_min(self.eps).sqrt(), count)
             if not torch.compiler.is_compiling():
                 self._refresh_init_pending()
