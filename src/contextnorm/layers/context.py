@@ -522,8 +522,19 @@ class ContextNormE(_LearnedStatisticsBase):
         return self.mean_encoder(encoding), std * std
 
     def _learned_statistics(self) -> tuple[Tensor, Tensor]:
-        reference = self._output_layer(self.mean_encoder).bias
-        return self.encode(torch.eye(self.num_contexts, device=reference.device, dtype=reference.dtype))
+        std = nnf.softplus(self._context_table(self.std_encoder))
+        return self._context_table(self.mean_encoder), std * std
+
+    @staticmethod
+    def _context_table(encoder: nn.Module) -> Tensor:
+        """The encoder's output (K, C) for the K one-hot encodings.
+
+        A linear layer applied to the identity is its weight, transposed, plus its bias: no
+        (K, K) product, which would cost K^2 C at large K.
+        """
+        first = encoder if isinstance(encoder, nn.Linear) else encoder[0]
+        hidden = first.weight.t() + first.bias
+        return hidden if isinstance(encoder, nn.Linear) else encoder[1:](hidden)
 
     def _coefficients(
         self,
