@@ -108,17 +108,18 @@ def _moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if length == 1:
         flat = wide.reshape(n, c)
         return flat.clone(), torch.zeros_like(flat), wide
-    if _exporting():
-        # Exported graphs (ONNX among them) have no BatchNorm-statistics operator: the same
-        # two-pass moments, written as a portable reduction.
+    if _traced():
+        # Compiled and exported graphs (ONNX among them) have no BatchNorm-statistics
+        # operator: the same accurate moments, as a reduction they lower (a fused Welford
+        # reduction in compiled code).
         var, mean = torch.var_mean(wide, dim=2, correction=0)
         return mean, var, wide
     mean, var = torch.batch_norm_update_stats(wide.reshape(1, n * c, length), None, None, 0.0)
     return mean.view(n, c), var.view(n, c), wide
 
 
-def _exporting() -> bool:
-    return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+def _traced() -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 class _SampleMoments(torch.autograd.Function):
