@@ -146,3 +146,35 @@ def test_float32_far_from_zero_within_ten_times_batchnorm(name: str, mode: str, 
         bn_error = float64_error(bn, x, None)
         error = float64_error(layer, x, context)
         assert error <= max(10 * bn_error, 1e-5), f"std={std}: error {error:.3g}, BatchNorm {bn_error:.3g}"
+
+
+@pytest.mark.parametrize("grouping", ["ids", "weights"])
+def test_group_sums_of_two_halves_add_up_to_the_whole_batch(grouping: str) -> None:
+    """What a multi-process layer all-reduces: the sums of each process's group statistics,
+    around a shift every process shares (here one far from the data's mean), give the
+    statistics of the whole batch."""
+    from contextnorm import functional as F
+
+    torch.manual_seed(0)
+    x = 1e3 + torch.randn(12, 5, 7, dtype=torch.float64)
+    ids = torch.arange(12) % K
+    weights = torch.softmax(torch.randn(12, K, dtype=torch.float64), 1)
+    moments = F.sample_moments(x)
+    shift = moments.mean[:K].clone() + 3.0 if grouping == "ids" else moments.mean[0] + 3.0
+
+    def sums(rows: slice) -> F.GroupSums:
+        by = {"ids": ids[rows]} if grouping == "ids" else {"weights": weights[rows]}
+        return F.group_sums(moments.mean[rows], moments.var[rows], 7, shift, **by)
+
+    halves = [sums(slice(0, 5)), sums(slice(5, 12))]
+    combined = F.GroupSums(*(a + b for a, b in zip(*halves)))
+    mean, var = F.group_moments(combined, shift)
+    by = {"ids": ids, "num_groups": K} if grouping == "ids" else {"weights": weights}
+    expected_mean, expected_var, count = F.pooled_moments(moments.mean, moments.var, 7, **by)
+    torch.testing.assert_close(mean, expected_mean)
+    torch.testing.assert_close(var, expected_var)
+    torch.testing.assert_close(combined.count, count)
+    if grouping == "ids":
+        for k in range(K):
+            values = x[ids == k].transpose(0, 1).reshape(5, -1)
+            torch.testing.assert_close(var[k], values.var(1, correction=0))

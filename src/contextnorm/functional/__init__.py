@@ -23,7 +23,7 @@ Shapes: ``x`` is (N, C), (N, C, *spatial) or, with ``channel_last=True``, (N, *,
 Internally it is viewed as (N, C, L) without copying where the layout allows.
 """
 
-from .context import sample_log_posterior
+from .context import context_affine, sample_log_posterior
 from .mixture import (
     CentredPoints,
     centre_points,
@@ -48,11 +48,13 @@ from .moments import (
     sample_moments,
     statistics_dtype,
     update_running_moments,
+    without_autocast,
 )
 
 __all__ = [
     "as_ncl",
     "statistics_dtype",
+    "without_autocast",
     "Moments",
     "sample_moments",
     "GroupSums",
@@ -67,6 +69,7 @@ __all__ = [
     "point_log_density",
     "diag_gaussian_log_density",
     "sample_log_posterior",
+    "context_affine",
     "point_moments",
     "point_mixture_affine",
     "fit_diag_gmm",

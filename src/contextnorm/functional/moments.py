@@ -25,6 +25,7 @@ backward of that all-reduce is the all-reduce of the gradients of the same sums.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -68,6 +69,16 @@ def as_ncl(x: Tensor, num_features: int, channel_last: bool = False) -> tuple[Te
 def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype statistics of ``dtype`` activations are computed in: float32, or float64 for float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def without_autocast(x: Tensor) -> contextlib.AbstractContextManager:
+    """A block in which autocast does not lower operations on ``x``'s device (``@``, ``einsum``).
+
+    The layers compute their statistics inside it; outside autocast it is a no-op.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class Moments(NamedTuple):

@@ -81,7 +81,7 @@ class ModeNorm(_BatchOrRunningMixin, NormBase):
 
     def forward(self, x: Tensor, context: Any = None) -> Tensor:
         x3, restore = F.as_ncl(x, self.num_features, self.channel_last)
-        with torch.autocast(x.device.type, enabled=False):
+        with F.without_autocast(x):
             moments = F.sample_moments(x3)
             gates = torch.softmax(self.gate(moments.mean.to(self.gate.weight.dtype)), dim=1)
             mean, var = self._batch_or_running(moments, gates.to(moments.mean.dtype), x3.shape[2])
@@ -132,7 +132,7 @@ class SwitchNorm(_BatchOrRunningMixin, NormBase):
 
     def forward(self, x: Tensor, context: Any = None) -> Tensor:
         x3, restore = F.as_ncl(x, self.num_features, self.channel_last)
-        with torch.autocast(x.device.type, enabled=False):
+        with F.without_autocast(x):
             moments = F.sample_moments(x3)
             instance_mean, instance_var = moments.mean, moments.var
             layer_mean = instance_mean.mean(1, keepdim=True)

@@ -112,7 +112,7 @@ class _ContextNormBase(NormBase):
         """
         context, validate = current_context(context, self)
         x3, restore = F.as_ncl(x, self.num_features, self.channel_last)
-        with torch.autocast(x.device.type, enabled=False):
+        with F.without_autocast(x):
             dtype = torch.promote_types(F.statistics_dtype(x.dtype), self.prior.dtype)
             assignment = ContextAssignment.from_context(
                 context, x3.shape[0], self.num_contexts, x3.device, dtype, validate
@@ -121,9 +121,14 @@ class _ContextNormBase(NormBase):
                 self._update_prior(assignment)
             moments = F.sample_moments(x3) if self._needs_moments(assignment) else None
             mean, var = self._context_statistics(x3, assignment, moments)
-            scale, shift = self._coefficients(mean, var, assignment, moments, x3.shape[2])
             values = x3 if moments is None else moments.values
-            return restore(F.apply_sample_affine(values, scale, shift).to(x.dtype))
+            ids = assignment.known_ids
+            if ids is not None:
+                y = F.context_affine(values, ids, mean, var, self.eps, self._gain(), self.weight, self.bias)
+            else:
+                scale, shift = self._coefficients(mean, var, assignment, moments, x3.shape[2])
+                y = F.apply_sample_affine(values, scale, shift)
+            return restore(y.to(x.dtype))
 
     def _needs_moments(self, assignment: ContextAssignment) -> bool:
         return assignment.unknown is not None
@@ -156,7 +161,7 @@ class _ContextNormBase(NormBase):
         moments: F.Moments | None,
         positions: int,
     ) -> tuple[Tensor, Tensor]:
-        """Per-sample ``(scale, shift)`` (N, C): each sample's row of the context table, or a mix of rows."""
+        """Per-sample ``(scale, shift)`` (N, C) for soft or partly unknown contexts: a mix of the table's rows."""
         table_scale, table_shift = F.affine_coefficients(mean, var, self.eps, self._gain(), self.weight, self.bias)
         if assignment.unknown is None:
             return assignment.rows(table_scale), assignment.rows(table_shift)
