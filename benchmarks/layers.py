@@ -161,6 +161,9 @@ def build_configurations(
             else:
                 configurations.append(Configuration(name, k, build(k), (ids.value,)))
     if compiled:
+        # Each compiled layer adds an entry to the cache of the one forward they share; a model
+        # compiled as a whole inlines its layers instead.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for name in CONTEXT_LAYERS:
             module = context_layers[name](COMPILED_COUNT)
             module.validate_context = False  # the ids are checked once, outside the graph

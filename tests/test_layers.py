@@ -235,16 +235,53 @@ def test_cn_running_statistics_per_context_and_absent_contexts_untouched() -> No
 
 
 def test_cn_eval_and_cnx_match_the_per_context_reference() -> None:
+    """Outputs, and gradients of the one-node backward against autograd through the loop."""
     x, context = batch()
     cnx = make_layer("cnx")
-    expected = reference_context_norm(x, context, cnx.weight, cnx.bias, cnx.prior, cnx.eps, (cnx.mean, cnx.std**2))
-    torch.testing.assert_close(cnx(x, context), expected)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = cnx(x1, context)
+    expected = reference_context_norm(x2, context, cnx.weight, cnx.bias, cnx.prior, cnx.eps, (cnx.mean, cnx.std**2))
+    torch.testing.assert_close(got, expected)
+    upstream = torch.randn_like(x)
+    fused = torch.autograd.grad(got, (x1, *cnx.parameters()), upstream)
+    plain = torch.autograd.grad(expected, (x2, *cnx.parameters()), upstream)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     layer = make_layer("cn")
     layer(x * 2 + 1, context)
     layer.eval()
     statistics = (layer.running_mean, layer.running_var)
     expected = reference_context_norm(x, context, layer.weight, layer.bias, layer.prior, layer.eps, statistics)
     torch.testing.assert_close(layer(x, context), expected)
+
+
+@pytest.mark.parametrize("name", ["cnx", "cne", "cne_mlp"])
+def test_learned_statistics_start_from_each_contexts_first_training_batch(name: str) -> None:
+    """Data-dependent start (as Glow's ActNorm): the first batch comes out normalised per context
+    (over the whole batch for the MLP encoder), contexts seen later start from their own batch."""
+    options = {"hidden_features": 4} if name == "cne_mlp" else {}
+    layer = (cn.ContextNormX if name == "cnx" else cn.ContextNormE)(C, K, affine=False, prior_scaling=False, **options)
+    torch.manual_seed(0)
+    context = torch.tensor([0, 1] * 6)
+    x = torch.randn(12, C, 4, 4) * 5 + 20 * context.view(-1, 1, 1, 1) + 3
+    y = layer(x, context)
+    groups = [context == 0, context == 1] if name != "cne_mlp" else [torch.ones(12, dtype=torch.bool)]
+    for rows in groups:
+        torch.testing.assert_close(y[rows].mean((0, 2, 3)), torch.zeros(C), atol=1e-4, rtol=0)
+        torch.testing.assert_close(y[rows].var((0, 2, 3), correction=0), torch.ones(C), atol=1e-3, rtol=0)
+    assert layer.initialized.tolist() == ([True, True, False] if name != "cne_mlp" else [True] * 3)
+    later = torch.randn(4, C, 4, 4) * 2 - 7
+    y = layer(later, torch.full((4,), 2))
+    if name != "cne_mlp":
+        torch.testing.assert_close(y.mean((0, 2, 3)), torch.zeros(C), atol=1e-4, rtol=0)
+    assert layer.initialized.all()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer(x * 3, context)  # initialised contexts are not started again
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    unstarted = (cn.ContextNormX if name == "cnx" else cn.ContextNormE)(C, K, data_init=False, **options)
+    unstarted(x, context)
+    assert not unstarted.initialized.any()
 
 
 def test_soft_one_hot_assignments_equal_hard_ids() -> None:
