@@ -172,12 +172,6 @@ class ContextAssignment:
             self._weights = weights
         return self._weights
 
-    def rows(self, table: Tensor) -> Tensor:
-        """Each sample's row of a per-context table (K, C) when every context is known: (N, C)."""
-        if self.known_ids is not None:
-            return table.index_select(0, self.known_ids)
-        return self.weights @ table
-
     def with_posterior(self, posterior: Tensor) -> Tensor:
         """The weights with each unknown row replaced by that sample's posterior over contexts."""
         if self.unknown is None:

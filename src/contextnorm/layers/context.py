@@ -163,10 +163,10 @@ class _ContextNormBase(NormBase):
     ) -> tuple[Tensor, Tensor]:
         """Per-sample ``(scale, shift)`` (N, C) for soft or partly unknown contexts: a mix of the table's rows."""
         table_scale, table_shift = F.affine_coefficients(mean, var, self.eps, self._gain(), self.weight, self.bias)
-        if assignment.unknown is None:
-            return assignment.rows(table_scale), assignment.rows(table_shift)
-        assert moments is not None
-        weights = assignment.with_posterior(self.posterior(moments, positions, mean, var))
+        weights = assignment.weights
+        if assignment.unknown is not None:
+            assert moments is not None
+            weights = assignment.with_posterior(self.posterior(moments, positions, mean, var))
         return weights @ table_scale, weights @ table_shift
 
     def posterior(self, moments: F.Moments, positions: int, mean: Tensor, var: Tensor) -> Tensor:
