@@ -23,11 +23,12 @@ def _one_thread():
 
 
 def make_layer(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    # With the 1/sqrt(lambda) factor (off by default), so that every test covers it.
     layers = {
-        "cn": lambda: cn.ContextNorm(C, K),
-        "cnx": lambda: cn.ContextNormX(C, K),
-        "cne": lambda: cn.ContextNormE(C, K),
-        "cne_mlp": lambda: cn.ContextNormE(C, K, hidden_features=4),
+        "cn": lambda: cn.ContextNorm(C, K, prior_scaling=True),
+        "cnx": lambda: cn.ContextNormX(C, K, prior_scaling=True),
+        "cne": lambda: cn.ContextNormE(C, K, prior_scaling=True),
+        "cne_mlp": lambda: cn.ContextNormE(C, K, hidden_features=4, prior_scaling=True),
         "acn_gradient": lambda: cn.AdaptiveContextNorm(C, K, update="gradient"),
         "acn_momentum": lambda: cn.AdaptiveContextNorm(C, K, update="momentum"),
         "mixnorm": lambda: cn.MixtureNorm(C, K),
@@ -202,7 +203,7 @@ def test_cn_with_one_context_is_batchnorm(momentum: float | None, prior_scaling:
 @pytest.mark.parametrize("num_contexts", [2, 5, 40])
 def test_cn_matches_per_context_loop(num_contexts: int) -> None:
     torch.manual_seed(0)
-    layer = cn.ContextNorm(C, num_contexts, prior=torch.rand(num_contexts) + 0.1).double()
+    layer = cn.ContextNorm(C, num_contexts, prior=torch.rand(num_contexts) + 0.1, prior_scaling=True).double()
     with torch.no_grad():
         layer.weight.normal_()
         layer.bias.normal_()
@@ -251,7 +252,8 @@ def test_cn_eval_and_cnx_match_the_per_context_reference() -> None:
     layer(x * 2 + 1, context)
     layer.eval()
     statistics = (layer.running_mean, layer.running_var)
-    expected = reference_context_norm(x, context, layer.weight, layer.bias, layer.prior, layer.eps, statistics)
+    prior = layer.prior if layer.prior_scaling else None
+    expected = reference_context_norm(x, context, layer.weight, layer.bias, prior, layer.eps, statistics)
     torch.testing.assert_close(layer(x, context), expected)
 
 
@@ -354,8 +356,8 @@ def test_estimated_prior_converges_to_context_shares() -> None:
 
 def test_given_prior_scales_by_inverse_square_root() -> None:
     x, context = batch()
-    plain = cn.ContextNormX(C, K, prior_scaling=False)
-    scaled = cn.ContextNormX(C, K, prior=[0.5, 0.25, 0.25])
+    plain = cn.ContextNormX(C, K)
+    scaled = cn.ContextNormX(C, K, prior=[0.5, 0.25, 0.25], prior_scaling=True)
     ratio = scaled(x, context) / plain(x, context)
     expected = torch.tensor([0.5, 0.25, 0.25])[context].rsqrt().view(-1, 1, 1, 1).expand_as(ratio)
     torch.testing.assert_close(ratio, expected)

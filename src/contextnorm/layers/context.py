@@ -214,7 +214,11 @@ class ContextNorm(RunningStatsMixin, _ContextNormBase):
         prior: ``lambda_k`` (K,), normalised to sum to 1; uniform when omitted.
         estimate_prior: estimate ``lambda_k`` from the contexts seen in training (a
             cumulative average of the batches' shares), starting from ``prior``.
-        prior_scaling: multiply by ``1/sqrt(lambda_k)`` (002 Alg. 3).
+        prior_scaling: multiply by ``1/sqrt(lambda_k)`` (002 Alg. 3; 004 Eq. 10 and the
+            authors' CN-X code leave it out). Off by default: it multiplies each layer's output
+            by sqrt(K) for uniform priors, which compounds with depth; measured on the reduced
+            DenseNet-40 and Shallow CNN (3 seeds, ``results/prior_scaling_*``), it lowered
+            DenseNet-40's test accuracy with CN and changed nothing on the Shallow CNN.
         channel_last: the input is (N, *, C), e.g. tokens (N, L, C).
         validate_context: check a context passed to ``forward`` (one host read per call).
             ``False`` for compiled graphs: ids out of range then go undetected, and ids of
@@ -243,7 +247,7 @@ class ContextNorm(RunningStatsMixin, _ContextNormBase):
         track_running_stats: bool = True,
         prior: Sequence[float] | Tensor | None = None,
         estimate_prior: bool = False,
-        prior_scaling: bool = True,
+        prior_scaling: bool = False,
         channel_last: bool = False,
         validate_context: bool = True,
         device: torch.device | str | None = None,
@@ -384,9 +388,11 @@ class ContextNormX(_LearnedStatisticsBase):
     ``data_init`` (default ``True``): each context's ``mu, sigma`` start from the mean and
     standard deviation of its activations in the first training batch that holds it, as
     Glow's ActNorm starts, so that the layer normalises from the first step; without it they
-    start at 0 and 1 (which does not normalise, and a deep net with every norm replaced
-    diverges). :func:`~contextnorm.convert` starts them from the BatchNorm's running
-    statistics instead. Other arguments as :class:`ContextNorm` (no momentum).
+    start at 0 and 1, which does not normalise at all. :func:`~contextnorm.convert` starts
+    them from the BatchNorm's running statistics instead. Learned statistics do not follow the
+    activations as the weights move: DenseNet-40 with every norm CN-X still diverged at SGD
+    lr 0.1 (measured), where CN trains; use lower learning rates or CN in deep nets.
+    Other arguments as :class:`ContextNorm` (no momentum).
     """
 
     def __init__(
@@ -397,7 +403,7 @@ class ContextNormX(_LearnedStatisticsBase):
         affine: bool = True,
         prior: Sequence[float] | Tensor | None = None,
         estimate_prior: bool = False,
-        prior_scaling: bool = True,
+        prior_scaling: bool = False,
         data_init: bool = True,
         channel_last: bool = False,
         validate_context: bool = True,
@@ -459,7 +465,7 @@ class ContextNormE(_LearnedStatisticsBase):
         affine: bool = True,
         prior: Sequence[float] | Tensor | None = None,
         estimate_prior: bool = False,
-        prior_scaling: bool = True,
+        prior_scaling: bool = False,
         hidden_features: int | None = None,
         data_init: bool = True,
         channel_last: bool = False,
