@@ -75,17 +75,24 @@ class LoopContextNorm(nn.Module):
     """CN written the obvious way: a Python loop over the contexts present in the batch.
 
     Same function as :class:`contextnorm.ContextNorm` in training (per-context batch mean
-    and biased variance, ``1/sqrt(lambda_k)`` gain, per-context affine, running statistics),
+    and biased variance, per-context affine, running statistics; the ``1/sqrt(lambda_k)``
+    gain with ``prior_scaling``),
     with autograd deriving the backward pass. It is the reference the vectorised layer is
     meant to beat.
     """
 
     def __init__(
-        self, num_features: int, num_contexts: int, eps: float = 1e-5, momentum: float = 0.1
+        self,
+        num_features: int,
+        num_contexts: int,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        prior_scaling: bool = False,
     ) -> None:
         super().__init__()
         self.eps = eps
         self.momentum = momentum
+        self.prior_scaling = prior_scaling
         self.weight = nn.Parameter(torch.ones(num_contexts, num_features))
         self.bias = nn.Parameter(torch.zeros(num_contexts, num_features))
         self.register_buffer("prior", torch.full((num_contexts,), 1.0 / num_contexts))
@@ -104,7 +111,9 @@ class LoopContextNorm(nn.Module):
                 count = members.numel() // members.shape[1]
                 self.running_mean[k].lerp_(mean, self.momentum)
                 self.running_var[k].lerp_(var * count / max(count - 1, 1), self.momentum)
-            scale = torch.rsqrt(var + self.eps) * self.prior[k].rsqrt() * self.weight[k]
+            scale = torch.rsqrt(var + self.eps) * self.weight[k]
+            if self.prior_scaling:
+                scale = scale * self.prior[k].rsqrt()
             shift = self.bias[k] - mean * scale
             pieces.append(members * scale.view(channel_shape) + shift.view(channel_shape))
             rows.append(rows_k)

@@ -76,8 +76,8 @@ def test_loop_reference_computes_context_norm(layers_script):
     context = torch.tensor([0, 0, 1, 1, 1, 3, 3, 0, 1, 3, 3, 0])
     upstream = torch.randn_like(x)
     layers = [
-        contextnorm.ContextNorm(channels, num_contexts),
-        layers_script.LoopContextNorm(channels, num_contexts),
+        contextnorm.ContextNorm(channels, num_contexts, prior_scaling=True),
+        layers_script.LoopContextNorm(channels, num_contexts, prior_scaling=True),
     ]
     with torch.no_grad():
         for layer in layers:

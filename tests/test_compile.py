@@ -50,11 +50,16 @@ def batches(name: str, steps: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]
     return out
 
 
+# Compiled graphs compute the per-sample moments with a Welford reduction, eager mode with
+# BatchNorm's two-pass kernel: equal up to float32 rounding.
+TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
+
+
 def assert_same_state(got: nn.Module, expected: nn.Module) -> None:
     for (key, value), (_, reference) in zip(got.state_dict().items(), expected.state_dict().items()):
-        torch.testing.assert_close(value, reference, msg=key)
+        torch.testing.assert_close(value, reference, msg=key, **TOLERANCE)
     for (key, value), (_, reference) in zip(got.named_parameters(), expected.named_parameters()):
-        torch.testing.assert_close(value.grad, reference.grad, msg=f"gradient of {key}")
+        torch.testing.assert_close(value.grad, reference.grad, msg=f"gradient of {key}", **TOLERANCE)
 
 
 @pytest.mark.parametrize("name", CONTEXT_LAYERS)
@@ -66,11 +71,11 @@ def test_compiled_training_with_explicit_contexts_equals_eager(name: str) -> Non
     for x, context in batches(name):
         x_eager, x_compiled = x.clone().requires_grad_(), x.clone().requires_grad_()
         y_eager, y_compiled = eager(x_eager, context), compiled(x_compiled, context)
-        torch.testing.assert_close(y_compiled, y_eager)
+        torch.testing.assert_close(y_compiled, y_eager, **TOLERANCE)
         upstream = torch.randn_like(x)
         y_eager.backward(upstream)
         y_compiled.backward(upstream)
-        torch.testing.assert_close(x_compiled.grad, x_eager.grad)
+        torch.testing.assert_close(x_compiled.grad, x_eager.grad, **TOLERANCE)
     assert_same_state(compiled_layer, eager)
 
 
@@ -97,7 +102,7 @@ def test_compiled_converted_model_trains_like_eager(layer: type[nn.Module]) -> N
             loss = model(x, context).square().mean()
             loss.backward()
             losses.append(loss)
-        torch.testing.assert_close(losses[1], losses[0])
+        torch.testing.assert_close(losses[1], losses[0], **TOLERANCE)
         assert_same_state(compiled_model, eager)
         for optimizer in optimizers:
             optimizer.step()
