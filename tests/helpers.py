@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+
+import contextnorm as cn
 
 
 @contextlib.contextmanager
@@ -20,6 +22,17 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def layer_factories(channels: int, contexts: int) -> dict[str, Callable[..., nn.Module]]:
+    """Builders ``name -> (**options) -> layer`` of the layers with per-sample statistics."""
+    return {
+        "cn": lambda **options: cn.ContextNorm(channels, contexts, **options),
+        "cnx": lambda **options: cn.ContextNormX(channels, contexts, **options),
+        "cne": lambda **options: cn.ContextNormE(channels, contexts, **options),
+        "modenorm": lambda **options: cn.ModeNorm(channels, contexts, **options),
+        "switchnorm": lambda **options: cn.SwitchNorm(channels, **options),
+    }
 
 
 def call(layer: nn.Module, x: Tensor, context: Tensor | None = None) -> Tensor:

@@ -15,15 +15,11 @@ import torch
 from torch import nn
 
 import contextnorm as cn
-from helpers import one_thread
+from helpers import layer_factories, one_thread
 
 K = 3
 C = 4
-CONTEXT_LAYERS = {
-    "cn": lambda **kw: cn.ContextNorm(C, K, **kw),
-    "cnx": lambda **kw: cn.ContextNormX(C, K, **kw),
-    "cne": lambda **kw: cn.ContextNormE(C, K, **kw),
-}
+CONTEXT_LAYERS = {name: build for name, build in layer_factories(C, K).items() if name in ("cn", "cnx", "cne")}
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -10,17 +10,11 @@ import torch.utils.checkpoint
 from torch import nn
 
 import contextnorm as cn
-from helpers import call, one_thread
+from helpers import call, layer_factories, one_thread
 
 K = 3
 C = 4
-LAYERS = {
-    "cn": lambda **kw: cn.ContextNorm(C, K, **kw),
-    "cnx": lambda **kw: cn.ContextNormX(C, K, **kw),
-    "cne": lambda **kw: cn.ContextNormE(C, K, **kw),
-    "modenorm": lambda **kw: cn.ModeNorm(C, K, **kw),
-    "switchnorm": lambda **kw: cn.SwitchNorm(C, **kw),
-}
+LAYERS = layer_factories(C, K)
 
 
 @pytest.fixture(autouse=True, scope="module")
