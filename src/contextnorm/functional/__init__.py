@@ -50,6 +50,7 @@ from .moments import (
     update_running_moments,
     without_autocast,
 )
+from .sync import agree_across_processes, all_reduce_sum, synced_pooled_moments
 
 __all__ = [
     "as_ncl",
@@ -76,5 +77,8 @@ __all__ = [
     "kmeans_plus_plus",
     "match_components",
     "update_running_moments",
+    "all_reduce_sum",
+    "synced_pooled_moments",
+    "agree_across_processes",
 ]
 

@@ -310,13 +310,13 @@ def update_running_moments(
     """BatchNorm's running update, per group, for the groups that had data in the batch.
 
     The variance is stored unbiased (``count / (count - 1)``), as BatchNorm does; a group with
-    count 0 keeps its running statistics untouched. ``momentum`` may be a (K,) tensor (the
+    count 0 keeps its running statistics untouched. ``momentum`` may be a (K,) or 0-dim tensor (the
     cumulative average of ``momentum=None``). No value is read on the host.
     """
     with torch.no_grad():
         present = count > 0
         correction = torch.where(count > 1, count / (count - 1).clamp_min(1.0), torch.ones_like(count))
-        rate = momentum.unsqueeze(1) if isinstance(momentum, Tensor) else momentum
+        rate = momentum.reshape(-1, 1) if isinstance(momentum, Tensor) else momentum
         rate = rate * present.unsqueeze(1).to(running_mean.dtype)
         running_mean.lerp_(batch_mean.detach().to(running_mean.dtype), rate)
         running_var.lerp_((batch_var.detach() * correction.unsqueeze(1)).to(running_var.dtype), rate)
