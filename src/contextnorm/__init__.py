@@ -44,6 +44,8 @@ __all__ = [
     "convert_sync",
     "revert_sync",
     "SyncBatchNorm",
+    "extract_context",
+    "recalibrate",
     "use_context",
     "uses_context",
     "CN",

@@ -8,11 +8,9 @@ every process's statistics, so the gradient of a process's sums is the sum over 
 the gradients of the reduced sums, which the backward all-reduces in turn (the same pattern as
 ``torch.nn.SyncBatchNorm``'s backward, which all-reduces ``sum_dy`` and ``sum_dy_xmu``).
 
-Precision. The sums are accumulated and reduced in float64 around a shift of zero: the same
-shift on every process by construction (no buffer has to agree across processes), and a
-float64 variance ``E[x^2] - E[x]^2`` loses about ``2^-52 (mean^2 + var) / var`` of relative
-accuracy, below float32 rounding unless the mean exceeds the standard deviation ``10^4``
-times. The reduced ``(K, 2C + 1)`` tensor is tiny; the cost is that of the collective.
+The sums are :func:`~contextnorm.functional.packed_sums`: float64 around a zero shift, the
+same on every process by construction (no buffer has to agree across processes). The reduced
+``(K, 2C + 1)`` tensor is tiny; the cost is that of the collective.
 
 Every process must call these functions the same number of times, in the same order, with
 the same ``K`` and ``C`` (a process with an empty batch included: its sums are zeros).
@@ -24,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .moments import GroupSums, group_moments, group_sums
+from .moments import packed_moments, packed_sums
 
 __all__ = ["all_reduce_sum", "synced_pooled_moments", "agree_across_processes"]
 
@@ -71,23 +69,9 @@ def synced_pooled_moments(
     concatenated batch. Gradients flow to every process's ``mean``, ``var`` and ``weights``
     through one all-reduce in the backward.
     """
-    if ids is not None:
-        if num_groups is None:
-            raise ValueError("synced_pooled_moments needs num_groups with ids")
-        shape: tuple[int, ...] = (num_groups, mean.shape[1])
-    elif weights is not None:
-        shape = (mean.shape[1],)
-        weights = weights.double()
-    else:
-        raise ValueError("synced_pooled_moments needs the samples' ids or weights")
-    shift = mean.new_zeros(shape, dtype=torch.float64)
-    local = group_sums(mean.double(), var.double(), positions, shift, weights, ids)
-    channels = mean.shape[1]
-    packed = torch.cat((local.count.unsqueeze(1), local.sum, local.sum_of_squares), dim=1)
-    total = all_reduce_sum(packed, group)
-    count, first, second = total.split((1, channels, channels), dim=1)
-    group_mean, group_var = group_moments(GroupSums(count.squeeze(1), first, second), shift)
-    return group_mean.to(mean.dtype), group_var.to(mean.dtype), count.squeeze(1)
+    packed = packed_sums(mean, var, positions, weights, ids, num_groups)
+    group_mean, group_var, count = packed_moments(all_reduce_sum(packed, group))
+    return group_mean.to(mean.dtype), group_var.to(mean.dtype), count
 
 
 def agree_across_processes(

@@ -16,6 +16,7 @@ from .baselines import ModeNorm, SwitchNorm
 from .context import ContextNorm, ContextNormE, ContextNormX
 from .mixture import AdaptiveContextNorm, MixtureNorm
 from .routing import ContextualModel, checkpoint, convert, use_context, uses_context
+from .surgery import extract_context, recalibrate
 from .sync import SyncBatchNorm, convert_sync, revert_sync
 
 __all__ = [
@@ -36,4 +37,6 @@ __all__ = [
     "convert_sync",
     "revert_sync",
     "SyncBatchNorm",
+    "extract_context",
+    "recalibrate",
 ]

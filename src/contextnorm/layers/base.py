@@ -6,6 +6,7 @@ import inspect
 import math
 import warnings
 import zlib
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
@@ -69,6 +70,9 @@ class NormBase(nn.Module):
     synchronized = False
     process_group: dist.ProcessGroup | None = None
     _agreement_checked = False
+    # Set by contextnorm.recalibrate while it runs: receives the packed sums (K, 2C + 1) of each
+    # batch statistic the layer computes (F.packed_sums), to be accumulated over a data set.
+    _statistics_record: Callable[[Tensor], None] | None = None
 
     def __init__(
         self,
@@ -163,6 +167,8 @@ class NormBase(nn.Module):
         number of channels and groups (one small all-reduce), then each call all-reduces the
         groups' sums once (and their gradients once in the backward).
         """
+        if self._statistics_record is not None:
+            self._statistics_record(F.packed_sums(mean, var, positions, weights, ids, num_groups))
         group = self._statistics_group()
         if group is None:
             return F.pooled_moments(
