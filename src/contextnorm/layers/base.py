@@ -181,7 +181,6 @@ class NormBase(nn.Module):
         )
 
 
-
 class RunningStatsMixin:
     """BatchNorm's running estimates for a stack of G groups (G, C)."""
 

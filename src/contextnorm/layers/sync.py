@@ -95,7 +95,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.num_batches_tracked.add_(1)
                 momentum = self.momentum
                 if momentum is None:
-                    momentum = 1.0 / float(self.num_batches_tracked)
+                    # The cumulative average, without reading the counter on the host.
+                    momentum = self.num_batches_tracked.to(mean.dtype).reciprocal()
                 F.update_running_moments(
                     self.running_mean.view(1, -1),
                     self.running_var.view(1, -1),
