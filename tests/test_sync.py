@@ -380,3 +380,31 @@ def test_distributed_data_parallel_trains_as_one_process(pair: ProcessPair) -> N
     for rank, state in enumerate(states):
         for key, value in expected.items():
             torch.testing.assert_close(state[key], value, **TOLERANCE, msg=f"{key} on rank {rank}")
+
+
+def recalibration_data() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(9)
+    ids = torch.tensor(SHARES["missing"][0])
+    return [
+        (torch.randn(len(ids), 3, 4, 4, generator=generator, dtype=torch.float64) * 2 + 1, ids)
+        for _ in range(3)
+    ]
+
+
+def recalibration_case(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    model = cn.convert_sync(ddp_model(0))
+    _, shares = SHARES["missing"]
+    start = sum(shares[:rank])
+    local = [
+        tuple(part[start : start + shares[rank]] for part in batch)
+        for batch in recalibration_data()
+    ]
+    cn.recalibrate(model, local, progress=False)
+    return {key: value.clone() for key, value in model.state_dict().items()}
+
+
+def test_recalibrate_over_processes_equals_one_process_on_all_the_data(pair: ProcessPair) -> None:
+    expected = cn.recalibrate(ddp_model(0), recalibration_data(), progress=False).state_dict()
+    for rank, state in enumerate(pair.run(recalibration_case)):
+        for key, value in expected.items():
+            torch.testing.assert_close(state[key], value, **TOLERANCE, msg=f"{key} on rank {rank}")

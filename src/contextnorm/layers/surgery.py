@@ -253,19 +253,15 @@ def _run(model: nn.Module, batch: Any, device: torch.device | None) -> None:
 
 
 class _Record:
-    """A layer's batch sums over the whole pass, and the batches in which each group occurred."""
+    """A layer's batch sums over the whole pass, and each batch's count per group."""
 
     def __init__(self) -> None:
         self.total: Tensor | None = None
-        self.batches: Tensor | None = None
+        self.counts: list[Tensor] = []
 
     def add(self, packed: Tensor) -> None:
-        present = (packed[:, 0] > 0).long()
-        if self.total is None:
-            self.total, self.batches = packed.clone(), present
-        else:
-            self.total += packed
-            self.batches += present
+        self.total = packed.clone() if self.total is None else self.total + packed
+        self.counts.append(packed[:, 0])
 
     def add_batchnorm_input(self, layer: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0]
@@ -277,16 +273,16 @@ class _Record:
         """Set ``layer``'s running statistics of the groups that occurred (over every process)."""
         if self.total is None:
             return
-        total, batches = self.total, self.batches
+        total, counts = self.total, torch.stack(self.counts)
         group = active_group(layer.process_group) if _synchronised(layer) else None
         if group is not None:
-            reduced = torch.cat((total, batches.unsqueeze(1).to(total)), dim=1)
+            # Every process ran the same batches: one step's batch is the union of theirs.
+            reduced = torch.cat((total, counts.t()), dim=1)
             torch.distributed.all_reduce(reduced, group=group)
-            total, batches = reduced[:, :-1], reduced[:, -1].round().long()
+            total, counts = reduced[:, : total.shape[1]], reduced[:, total.shape[1] :].t()
         mean, var, count = F.packed_moments(total)
-        unbiased = var * torch.where(count > 1, count / (count - 1).clamp_min(1.0), 1.0).unsqueeze(
-            1
-        )
+        correction = torch.where(count > 1, count / (count - 1).clamp_min(1.0), 1.0)
+        unbiased = var * correction.unsqueeze(1)
         present = count > 0
         with torch.no_grad():
             running_mean = layer.running_mean.view(-1, layer.num_features)
@@ -299,9 +295,10 @@ class _Record:
             )
             tracked = layer.num_batches_tracked
             if tracked.dim() == 1:
-                tracked.copy_(torch.where(present, batches.to(tracked), tracked))
+                # Per group (CN's contexts): the batches that held it.
+                tracked.copy_(torch.where(present, (counts > 0).sum(0).to(tracked), tracked))
             else:
-                tracked.fill_(int(batches.max()))
+                tracked.fill_(int((counts.sum(1) > 0).sum()))
 
 
 def _synchronised(layer: nn.Module) -> bool:
