@@ -329,6 +329,8 @@ def ddp_model(seed: int) -> nn.Module:
         nn.BatchNorm2d(C),
         cn.ModeNorm(C, 2),
         cn.SwitchNorm(C),
+        cn.ContextNormX(C, K),
+        cn.ContextNormE(C, K),
         nn.ReLU(),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
