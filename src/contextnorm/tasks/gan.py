@@ -89,7 +89,7 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.detach().float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-def context_prior(contexts: torch.Tensor, num_contexts: int) -> torch.Tensor:
+def empirical_prior(contexts: torch.Tensor, num_contexts: int) -> torch.Tensor:
     """The share of each context id among ``contexts`` (int64 ids (N,) in [0, K)), float (K,)."""
     if contexts.dtype != torch.int64 or contexts.dim() != 1 or len(contexts) == 0:
         raise ValueError(
@@ -135,7 +135,7 @@ class GANModule(L.LightningModule):
         discriminator: maps images to real-vs-generated logits (N,).
         settings: learning rate, betas, evaluation cadence, fixed-latent seed.
         context_prior: for a generator with context layers, the probability of each context id
-            (K,), e.g. :func:`context_prior` of the training contexts; generated samples draw
+            (K,), e.g. :func:`empirical_prior` of the training contexts; generated samples draw
             their ids from it. Not used otherwise.
         scores: FID/KID of the generated images; ``None`` trains without scoring.
 
@@ -186,7 +186,7 @@ class GANModule(L.LightningModule):
             raise ValueError(
                 "the generator has context layers, so every generated sample needs a context id: "
                 "pass context_prior, the share of each context among the training images "
-                "(context_prior(train_contexts, K))"
+                "(empirical_prior(train_contexts, K))"
             )
         prior = torch.as_tensor(prior, dtype=torch.float32)
         if prior.dim() != 1 or not bool(torch.isfinite(prior).all()) or bool((prior < 0).any()):
