@@ -231,6 +231,19 @@ def test_score_errors_before_any_work(extractor, halves):
         scores_for(extractor, real, kid_subset_size=601)
     with pytest.raises(ValueError, match="real_images must be a uint8 tensor"):
         scores_for(extractor, real.float())
+    with pytest.raises(ValueError, match=r"cannot read the real images \(3, 32, 32\)"):
+        scores_for(extractor, real.expand(-1, 3, -1, -1))
+
+    class Liar(FeatureExtractor):
+        def __init__(self) -> None:
+            super().__init__()
+            self.num_features, self.description, self.comparable = 8, "liar", False
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return images.float().flatten(1)[:, :5]
+
+    with pytest.raises(ValueError, match=r"\(liar\) declares 8 features but gives shape \(2, 5\)"):
+        scores_for(Liar(), real)
     scores = scores_for(extractor, real)
     with pytest.raises(ValueError, match=r"generated images must be uint8 \(N, 1, 32, 32\)"):
         scores.update(other[:, :, :28, :28])
