@@ -1,19 +1,15 @@
 """The DCGAN of the papers' image-generation experiment: a generator with the norm under test,
 and a standard DCGAN discriminator.
 
-The papers (Faye, Azzag, Lebbah, "Cluster-Based Normalization Layer for Neural Networks",
-arXiv:2403.16798v2, 2024, §IV-D; Faye, Azzag, Lebbah, Bouchaffra, "Enhancing Neural Network
-Representations with Prior Knowledge-Based Normalization", arXiv:2403.16798v3, 2024, §IV-D)
-describe the generator as "a linear layer followed by four deconvolutional layers, the first
-three followed by a normalization layer and a LeakyReLU" and give no channel counts, kernel
-sizes or latent size. What they leave open is filled in here with the usual CIFAR DCGAN
-(Radford, Metz, Chintala, "Unsupervised Representation Learning with Deep Convolutional
-Generative Adversarial Networks", arXiv:1511.06434, 2015), and said where it is chosen.
+The papers (Faye et al. 2024a, §IV-D; 2024b, §IV-B) describe the generator as "a linear layer
+followed by four deconvolutional layers, the first three followed by a normalization layer and
+a LeakyReLU" and give no channel counts, kernel sizes or latent size. What they leave open is
+filled in here with the usual CIFAR DCGAN (Radford et al. 2016), and said where it is chosen.
 
 Generated samples get contexts like real ones: a context layer in the generator (CN, CN-X,
 CN-E) normalises each sample with the statistics of the context id it is generated for, put in
 scope with :func:`contextnorm.use_context` around the generator call. The generator's
-``forward`` never sees the ids; see ``contextnorm.tasks.gan`` for how ids are drawn.
+``forward`` never sees the ids; see ``contextnorm.tasks.generation`` for how ids are drawn.
 """
 
 from __future__ import annotations
@@ -43,7 +39,7 @@ def check_image_size(image_size: object) -> int:
         raise ValueError(
             f"image_size={size} is not supported: the DCGAN needs a multiple of "
             f"{UPSAMPLING_FACTOR} (three stride-2 stages), e.g. 32 as in the papers; load the "
-            f"data resized, e.g. load_dataset(..., image_size=32)"
+            "data resized (data.image_size: 32 in a config)"
         )
     return size
 
@@ -81,8 +77,8 @@ class DCGANGenerator(NormSiteModel):
     do not say); LeakyReLU's slope is 0.2, Radford et al.'s. As in the papers' description,
     nothing but a reshape sits between the linear layer and the first transposed convolution.
 
-    Norm sites: the three norms, in forward order. 2403.16798v3 replaces all three
-    (``placement="all"``), 2403.16798v2 only the first two (``placement="index:0,1"``).
+    Norm sites: the three norms, in forward order. Faye et al. 2024b replaces all three
+    (``placement="all"``), Faye et al. 2024a only the first two (``placement="index:0,1"``).
 
     Args:
         latent_dim: size of the latent vectors.
@@ -154,8 +150,8 @@ class DCGANGenerator(NormSiteModel):
 
 
 class DCGANDiscriminator(nn.Module):
-    """A standard DCGAN discriminator (Radford et al., arXiv:1511.06434): strided 4x4
-    convolutions with LeakyReLU(0.2), then one linear logit.
+    """A standard DCGAN discriminator (Radford et al. 2016): strided 4x4 convolutions with
+    LeakyReLU(0.2), then one linear logit.
 
     With the defaults (32x32 images)::
 
@@ -163,9 +159,8 @@ class DCGANDiscriminator(nn.Module):
                       -> conv 4x4 /2 -> (128, 8, 8)   -> [BN] -> LeakyReLU
                       -> conv 4x4 /2 -> (256, 4, 4)   -> [BN] -> LeakyReLU -> linear -> logit
 
-    ``norm="spectral"`` (the default) puts spectral normalization (Miyato et al., "Spectral
-    Normalization for Generative Adversarial Networks", arXiv:1802.05957, 2018) on every weight
-    and no BatchNorm anywhere; ``norm="batch"`` is Radford et al.'s discriminator, BatchNorm
+    ``norm="spectral"`` (the default) puts spectral normalization (Miyato et al. 2018) on every
+    weight and no BatchNorm anywhere; ``norm="batch"`` is Radford et al.'s discriminator, BatchNorm
     after every convolution but the first. Spectral is the default because the experiment
     compares normalizations of the *generator*: a BatchNorm discriminator scores each image
     with statistics of the batch it comes in, and real and generated images come in separate
