@@ -86,7 +86,8 @@ class ReportSpec:
         num_contexts: K, for the activation figures.
         context_names: a name per context id.
         run_images: image files a run writes (``Task.save_artifacts``), such as generated
-            samples; the report shows them for the first seed of each method.
+            samples; the report draws a figure of each, of the same name, with a panel per
+            method (its first finished seed).
     """
 
     about: list[str]

@@ -11,6 +11,7 @@ baseline beside them.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.image import imread
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
@@ -30,6 +32,8 @@ DPI = 110
 HISTOGRAM_BINS = 80
 MAX_PROJECTED_POINTS = 2000
 COMPONENT_STYLES = ("--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)))
+# Characters per line of a panel title (a metric's title may name its protocol at length).
+TITLE_WIDTH = 48
 
 
 def _figure(num_panels: int, columns: int = 3) -> tuple[Figure, list[Axes]]:
@@ -68,12 +72,13 @@ def plot_curves(
     Args:
         histories: method -> one per-epoch history per seed.
         panels: one panel per metric, keyed as in the epoch records; bands are clipped to each
-            metric's range.
+            metric's range, and the axis starts at the metric's lower bound when it has one.
         path: the PNG file to write.
         diverged: method -> how many of its runs diverged (said in the legend).
 
-    An epoch that only some seeds reached (early stopping, divergence) is averaged over those;
-    values that are not finite are left out.
+    An epoch that only some seeds reached (early stopping, divergence), or that some seeds
+    measured, is averaged over those; values that are not finite are left out. Epochs that
+    measured a metric at all are its points (a GAN's FID every few epochs).
     """
     diverged = diverged or {}
     figure, axes = _figure(len(panels), columns=2)
@@ -92,9 +97,11 @@ def plot_curves(
             high = np.array([spec.clip(value) for value in mean + spread])
             axis.plot(epochs, mean, marker="o", markersize=3, color=colours[method])
             axis.fill_between(epochs, low, high, color=colours[method], alpha=0.2)
-        axis.set_title(spec.title)
+        axis.set_title(textwrap.fill(spec.title, TITLE_WIDTH), fontsize="medium")
         axis.set_xlabel("epoch")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if spec.lower is not None:
+            axis.set_ylim(bottom=spec.lower)
         axis.grid(alpha=0.3)
     handles = [
         Line2D([], [], color=colours[method], marker="o", markersize=3) for method in histories
@@ -374,3 +381,20 @@ def _project(features: np.ndarray, method: str, seed: int) -> np.ndarray:
         return PCA(2, random_state=seed).fit_transform(features)
     perplexity = min(30.0, (len(features) - 1) / 3)
     return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features)
+
+
+def plot_run_images(images: Mapping[str, tuple[int, Path]], path: str | Path) -> Path:
+    """One panel per method showing an image file one of its runs wrote (e.g. sample grids).
+
+    Args:
+        images: method -> (the run's seed, the PNG file).
+        path: the PNG file to write.
+    """
+    figure, axes = _figure(len(images))
+    for (method, (seed, image)), axis in zip(images.items(), axes, strict=True):
+        pixels = imread(image)
+        axis.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None, interpolation="nearest")
+        axis.set_title(f"{method} (seed {seed})", fontsize="medium")
+        axis.set_xticks([])
+        axis.set_yticks([])
+    return _save(figure, path)

@@ -41,9 +41,9 @@ def build_trainer(
     """A Trainer for one (method, seed) run writing into ``run_dir``.
 
     It keeps one checkpoint file, ``checkpoints/last.ckpt``, rewritten (atomically) after every
-    epoch with ``history``'s record of that epoch; logs per-epoch metrics to ``csv/`` and ``tensorboard/``; reseeds every epoch from
-    ``seed`` (exact resume); and stops early on the task's selection metric when
-    ``settings.early_stopping_patience`` is set.
+    epoch with ``history``'s record of that epoch; logs per-epoch metrics to ``csv/`` and
+    ``tensorboard/``; reseeds every epoch from ``seed`` (exact resume); and stops early on the
+    task's selection metric when ``settings.early_stopping_patience`` is set.
 
     Args:
         settings: the experiment's training settings.

@@ -204,7 +204,7 @@ def check_contexts(contexts: Any, split: str, num_samples: int, num_contexts: in
 
 
 def context_names(kind: str, train: ImageData, num_contexts: int) -> list[str]:
-    """A readable name for each context id: the domain, superclass or class names where there are."""
+    """A readable name for each context id: domain, superclass or class names where there are."""
     if kind == "class" and len(train.classes) == num_contexts:
         return list(train.classes)
     if kind == "domain" and train.domain_names is not None:
