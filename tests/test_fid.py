@@ -17,9 +17,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from scipy import linalg
 
+from contextnorm.config import ConfigError
 from contextnorm.data import ImageData, load_dataset
-from contextnorm.tasks import gan_metrics
-from contextnorm.tasks.gan_metrics import (
+from contextnorm.tasks import fid
+from contextnorm.tasks.fid import (
     INCEPTION_FEATURES,
     ClassifierRecipe,
     FeatureExtractor,
@@ -30,17 +31,10 @@ from contextnorm.tasks.gan_metrics import (
 
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(seconds=60)
 TINY_RECIPE = ClassifierRecipe(
-    widths=(8, 16, 16, 32), epochs=3, batch_size=64, train_samples=None, seed=0
+    widths=[8, 16, 16, 32], epochs=3, batch_size=64, train_samples=None, seed=0
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small networks train many times faster on one thread than on two busy cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -206,15 +200,19 @@ def test_classifier_needs_two_classes(digits, tmp_path):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"epochs": 0}, "epochs must be a positive integer"),
-        ({"held_out": 1.0}, r"held_out must be in \(0, 1\)"),
-        ({"train_samples": 1}, "train_samples must be at least 2"),
-        ({"lr": 0.0}, "lr must be positive"),
+        ({"epochs": 0}, r"classifier.epochs must be a positive integer; got 0"),
+        ({"held_out": 1.0}, r"classifier.held_out must be in \(0, 1\)"),
+        ({"train_samples": 1}, "classifier.train_samples must be at least 2"),
+        ({"lr": 0.0}, "classifier.lr must be positive"),
+        ({"widths": [8, 8]}, "classifier.widths must be four positive counts"),
     ],
 )
-def test_recipe_errors(options, message):
-    with pytest.raises(ValueError, match=message):
-        ClassifierRecipe(**options)
+def test_recipe_errors(options, message, digits, tmp_path):
+    recipe = ClassifierRecipe(**options)
+    with pytest.raises(ConfigError, match=message):
+        recipe.check()
+    with pytest.raises(ValueError, match=message.replace("classifier", "recipe")):
+        local_classifier_features(digits, "digits", recipe=recipe, cache_dir=tmp_path)
 
 
 # --- errors of the scores -------------------------------------------------------------------
@@ -260,7 +258,7 @@ def test_score_errors_before_any_work(extractor, halves):
 def test_inception_weights_file_must_exist(tmp_path):
     missing = tmp_path / "pt_inception.pth"
     with pytest.raises(
-        FileNotFoundError, match=f"{missing} does not exist.*{gan_metrics.INCEPTION_WEIGHTS_FILE}"
+        FileNotFoundError, match=f"{missing} does not exist.*{fid.INCEPTION_WEIGHTS_FILE}"
     ):
         inception_features(missing)
 
@@ -291,7 +289,7 @@ def test_inception_weights_file_with_the_wrong_feature_size(tmp_path):
 def test_inception_features_need_torch_fidelity(tmp_path, monkeypatch):
     weights = tmp_path / "inception.pth"
     torch.save({"fc.weight": torch.zeros(1008, INCEPTION_FEATURES)}, weights)
-    monkeypatch.setattr(gan_metrics, "_TORCH_FIDELITY_AVAILABLE", False)
+    monkeypatch.setattr(fid, "_TORCH_FIDELITY_AVAILABLE", False)
     with pytest.raises(ModuleNotFoundError, match="pip install torch-fidelity"):
         inception_features(weights)
 
@@ -318,6 +316,7 @@ def _score_in_process(rank: int, port: int, folder: str, real, fake) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_scores_of_one(extractor, halves, tmp_path):
     real, other = halves
     fake = noisy(other, 0.1)

@@ -1,11 +1,10 @@
 """FID and KID of generated images (torchmetrics), on features named honestly.
 
-The Fréchet Inception Distance (Heusel et al., "GANs Trained by a Two Time-Scale Update Rule
-Converge to a Local Nash Equilibrium", arXiv:1706.08500, 2017) and the Kernel Inception
-Distance (Bińkowski et al., "Demystifying MMD GANs", arXiv:1801.01401, 2018) compare feature
-statistics of generated and real images. Published numbers use the features of one particular
-Inception-v3; the values depend on the feature extractor, so every score here carries the name
-of its extractor, and only Inception scores are comparable with published ones.
+The Fréchet Inception Distance (Heusel et al. 2017) and the Kernel Inception Distance
+(Bińkowski et al. 2018) compare feature statistics of generated and real images. Published
+numbers use the features of one particular Inception-v3; the values depend on the feature
+extractor, so every score here carries the name of its extractor, and only Inception scores
+are comparable with published ones.
 
 Two extractors:
 
@@ -31,7 +30,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +42,11 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
+from contextnorm.config import ConfigError
 from contextnorm.data import ImageData, default_data_root
 from contextnorm.io import atomic_write
 from contextnorm.models import ShallowCNN
-from contextnorm.training.preprocess import BatchPreprocess, channel_statistics
+from contextnorm.tasks.preprocess import BatchPreprocess, channel_statistics
 
 INCEPTION_FEATURES = 2048
 INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -92,9 +92,11 @@ class FeatureExtractor(nn.Module):
 # --- the local classifier ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass
 class ClassifierRecipe:
     """How the local feature classifier is trained (every field enters the cache fingerprint).
+
+    It is ``task.options.classifier`` of a generation config.
 
     Attributes:
         widths: channels of its four conv blocks (a Shallow CNN); the last is the feature size.
@@ -108,7 +110,7 @@ class ClassifierRecipe:
 
     # Measured on MNIST at 32x32 (one CPU thread, a busy machine): 98.4 % held-out accuracy
     # in 90 s; the same recipe with widths (32, 64, 64, 128) and 10,000 images reached 90.6 %.
-    widths: tuple[int, ...] = (16, 32, 32, 64)
+    widths: list[int] = field(default_factory=lambda: [16, 32, 32, 64])
     epochs: int = 3
     batch_size: int = 128
     lr: float = 1e-3
@@ -116,17 +118,22 @@ class ClassifierRecipe:
     held_out: float = 0.1
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "widths", tuple(self.widths))
-        for key in ("epochs", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
-        if self.train_samples is not None and self.train_samples < 2:
-            raise ValueError(f"train_samples must be at least 2 or None, got {self.train_samples}")
-        if not 0.0 < self.held_out < 1.0:
-            raise ValueError(f"held_out must be in (0, 1), got {self.held_out!r}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}")
+    def check(self, where: str = "classifier") -> None:
+        """Raise a ConfigError naming ``where.<key>`` for a setting out of range."""
+        problems = {
+            "widths": (len(self.widths) == 4 and min(self.widths) >= 1, "four positive counts"),
+            "epochs": (self.epochs >= 1, "a positive integer"),
+            "batch_size": (self.batch_size >= 2, "at least 2 (BatchNorm)"),
+            "lr": (self.lr > 0, "positive"),
+            "train_samples": (
+                self.train_samples is None or self.train_samples >= 2,
+                "at least 2, or null for every image",
+            ),
+            "held_out": (0.0 < self.held_out < 1.0, "in (0, 1)"),
+        }
+        for key, (valid, rule) in problems.items():
+            if not valid:
+                raise ConfigError(f"{where}.{key} must be {rule}; got {getattr(self, key)!r}")
 
 
 class ClassifierFeatures(FeatureExtractor):
@@ -174,7 +181,7 @@ def local_classifier_features(
     data: ImageData,
     data_name: str,
     *,
-    recipe: ClassifierRecipe = ClassifierRecipe(),
+    recipe: ClassifierRecipe | None = None,
     cache_dir: str | os.PathLike | None = None,
 ) -> ClassifierFeatures:
     """The local feature extractor for ``data``: loaded from the cache, or trained and cached.
@@ -188,13 +195,16 @@ def local_classifier_features(
     Args:
         data: the real training images (uint8, any channels and square size) with labels.
         data_name: the data set's name, shown in every title ("MNIST", "CIFAR-10").
-        recipe: how the classifier is trained.
+        recipe: how the classifier is trained (default: :class:`ClassifierRecipe`).
         cache_dir: where trained classifiers are kept; default
             ``default_data_root() / "feature-extractors"``.
 
     Raises:
-        ValueError: data with fewer than two classes present, or too few images for the recipe.
+        ValueError: data with fewer than two classes present, too few images for the recipe, or
+            a recipe setting out of range.
     """
+    recipe = recipe or ClassifierRecipe()
+    recipe.check("recipe")
     if len(torch.unique(data.labels)) < 2:
         raise ValueError(
             "the local feature classifier needs labelled images of at least two classes; "
