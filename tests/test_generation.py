@@ -19,13 +19,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import contextnorm as cn
 from contextnorm.cli import main
-from contextnorm.config import ConfigError, TrainConfig, dump_config
+from contextnorm.config import ConfigError, TrainConfig, dump_config, load_config
 from contextnorm.methods import METHODS
 from contextnorm.models import GENERATORS, DCGANDiscriminator, DCGANGenerator
 from contextnorm.runner import load_results, prepare_experiment, run_experiment
 from contextnorm.runner.callbacks import EpochHistory
 from contextnorm.runner.trainer import build_trainer, last_checkpoint
-from contextnorm.tasks import TASKS, Selection
+from contextnorm.tasks import TASKS, Selection, build_task
 from contextnorm.tasks.fid import FeatureExtractor, GenerationScores
 from contextnorm.tasks.generation import (
     GenerationModule,
@@ -428,6 +428,24 @@ def test_the_task_and_the_generator_are_registered(capsys):
     output = capsys.readouterr().out
     assert "  generation " in output and "generators (`model.name`" in output
     assert "  dcgan " in output
+
+
+@pytest.mark.parametrize("name", ["dcgan_paper", "dcgan_mnist_reduced"])
+def test_the_shipped_configs_hold_the_papers_settings(name):
+    config = load_config(name)
+    task = build_task(config)
+    assert isinstance(task, GenerationTask) and task.options.betas == [0.0, 0.9]
+    train = config.train
+    assert (train.optimizer, train.lr, train.weight_decay, train.schedule) == (
+        "adam",
+        2e-4,
+        0.0,
+        "constant",
+    )
+    assert train.early_stopping_patience is None and len(train.seeds) >= 3
+    assert [method.name for method in config.methods][:3] == ["bn", "mixnorm", "acn"]
+    assert config.contexts.num_contexts == 3  # the mixtures' K = 3 of the papers
+    assert (config.data.val_fraction, config.data.augment) == (0.0, "none")
 
 
 @pytest.mark.parametrize(

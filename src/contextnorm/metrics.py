@@ -86,8 +86,9 @@ class ReportSpec:
         num_contexts: K, for the activation figures.
         context_names: a name per context id.
         run_images: image files a run writes (``Task.save_artifacts``), such as generated
-            samples; the report draws a figure of each, of the same name, with a panel per
-            method (its first finished seed).
+            samples, each with a line saying what it shows; the report draws a figure of each,
+            of the same name and with that line as its title, with a panel per method (its
+            first finished seed).
     """
 
     about: list[str]
@@ -97,7 +98,7 @@ class ReportSpec:
     notes: list[str] = field(default_factory=list)
     num_contexts: int = 1
     context_names: list[str] = field(default_factory=list)
-    run_images: list[str] = field(default_factory=list)
+    run_images: dict[str, str] = field(default_factory=dict)
 
     @property
     def headline(self) -> MetricSpec:
@@ -124,8 +125,13 @@ class ReportSpec:
             notes=list(data.get("notes", [])),
             num_contexts=int(data.get("num_contexts", 1)),
             context_names=list(data.get("context_names", [])),
-            run_images=list(data.get("run_images", [])),
+            run_images=_captions(data.get("run_images", {})),
         )
+
+
+def _captions(images: Mapping[str, str] | list[str]) -> dict[str, str]:
+    # Results of an earlier version list the file names alone.
+    return dict(images) if isinstance(images, Mapping) else dict.fromkeys(images, "")
 
 
 @dataclass(frozen=True)

@@ -383,12 +383,15 @@ def _project(features: np.ndarray, method: str, seed: int) -> np.ndarray:
     return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features)
 
 
-def plot_run_images(images: Mapping[str, tuple[int, Path]], path: str | Path) -> Path:
+def plot_run_images(
+    images: Mapping[str, tuple[int, Path]], path: str | Path, title: str = ""
+) -> Path:
     """One panel per method showing an image file one of its runs wrote (e.g. sample grids).
 
     Args:
         images: method -> (the run's seed, the PNG file).
         path: the PNG file to write.
+        title: what the images show.
     """
     figure, axes = _figure(len(images))
     for (method, (seed, image)), axis in zip(images.items(), axes, strict=True):
@@ -397,4 +400,6 @@ def plot_run_images(images: Mapping[str, tuple[int, Path]], path: str | Path) ->
         axis.set_title(f"{method} (seed {seed})", fontsize="medium")
         axis.set_xticks([])
         axis.set_yticks([])
+    if title:
+        figure.suptitle(textwrap.fill(title, TITLE_WIDTH * min(3, len(images))), fontsize="medium")
     return _save(figure, path)

@@ -277,7 +277,7 @@ def draw_figures(results: ExperimentResults) -> list[Path]:
                     samples, spec.context_names, folder / "features_tsne.png", method="tsne"
                 )
             )
-    for name in spec.run_images:
+    for name, caption in spec.run_images.items():
         images = {}
         for method in finished:
             seed = method.finished()[0].seed
@@ -285,7 +285,7 @@ def draw_figures(results: ExperimentResults) -> list[Path]:
             if image.is_file():
                 images[method.label] = (seed, image)
         if images:
-            written.append(plot_run_images(images, folder / name))
+            written.append(plot_run_images(images, folder / name, caption))
     return written
 
 

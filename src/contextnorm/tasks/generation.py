@@ -289,7 +289,7 @@ class GenerationModule(TaskModule):
         self.automatic_optimization = False
         self.discriminator = discriminator
         self.preprocess = preprocess
-        self.betas = tuple(betas)
+        self.betas = tuple(float(beta) for beta in betas)
         self.latent_dim = latent_dim
         self.scores = scores
         self.evaluate_every = evaluate_every
@@ -595,7 +595,11 @@ class GenerationTask(Task):
             notes=notes,
             num_contexts=self.shared.num_contexts,
             context_names=self.shared.names,
-            run_images=[SAMPLES_FILE],
+            run_images={
+                SAMPLES_FILE: f"Images generated after the last epoch from the same "
+                f"{options.grid_size} fixed latents for every method; a generator with context "
+                "layers makes row r for context r mod K"
+            },
         )
 
     def info(self) -> dict[str, Any]:
