@@ -287,13 +287,30 @@ def test_fixed_latents_give_identical_grids_after_reload(tmp_path):
 
 
 def test_generation_leaves_running_statistics_and_mode_alone():
-    module = module_for("bn")
+    module = module_for("bn", scores=True)
     module.train()
     before = copy.deepcopy(module.generator.state_dict())
     module.grid_images()
+    module.evaluate(batch_statistics=True)
     assert module.generator.training
     for key, value in module.generator.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_scores_with_running_estimates_and_with_batch_statistics(tmp_path):
+    torch.manual_seed(0)
+    scores = {}
+    for method in ("bn", "cnx"):
+        module = module_for(method, scores=True)
+        fit(module, tmp_path / method, epochs=1)
+        scores[method] = (module.evaluate(), module.evaluate(batch_statistics=True))
+        # Deterministic: the same images again, in either mode.
+        assert module.evaluate(batch_statistics=True) == scores[method][1]
+    running, batch = scores["bn"]
+    assert running["fid"] != pytest.approx(batch["fid"], rel=1e-3)
+    # CN-X normalises with learned statistics in both modes: the same images, the same scores.
+    running, batch = scores["cnx"]
+    assert running == batch
 
 
 def test_scores_every_n_epochs_and_after_the_last_in_their_epochs_records(tmp_path):
@@ -541,7 +558,8 @@ def test_a_generation_experiment_runs_end_to_end(tmp_path):
         for record in method.finished():
             assert [epoch["epoch"] for epoch in record.history] == [0, 1]
             # The test scores are those of the final generator, measured again after training.
-            final = record.test["generated"]
+            assert set(record.test) == {"running", "batch"}
+            final = record.test["running"]
             assert final["fid"] == pytest.approx(record.history[-1]["val/fid"], rel=1e-6)
             fids = [epoch["val/fid"] for epoch in record.history]
             assert record.best["metric"] == "val/fid" and record.best["value"] == min(fids)

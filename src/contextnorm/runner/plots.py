@@ -192,7 +192,7 @@ def plot_metric_summary(
                 )
     counts = [summary.count for method in methods for summary in summaries[method].values()]
     axes[0].set_yticks(rows, methods)
-    axes[0].set_xlabel(f"test {metric.title}{unit}")
+    axes[0].set_xlabel(textwrap.fill(f"test {metric.title}{unit}", TITLE_WIDTH))
     axes[0].set_title(f"mean ± sample std ({_seed_counts(counts)})", fontsize="medium")
     lower = None if metric.lower is None else metric.lower * scale
     upper = None if metric.upper is None else metric.upper * scale
@@ -202,7 +202,9 @@ def plot_metric_summary(
         axes[0].legend(fontsize="small")
     if columns == 2:
         axes[1].axvline(0.0, color="0.3", linewidth=1)
-        axes[1].set_xlabel(f"{metric.title}{unit} minus {baseline}'s, paired by seed")
+        axes[1].set_xlabel(
+            textwrap.fill(f"{metric.title}{unit} minus {baseline}'s, paired by seed", TITLE_WIDTH)
+        )
         axes[1].set_title(
             "95 % t interval over seeds (filled: excludes 0)",
             fontsize="medium",
@@ -364,8 +366,13 @@ def plot_feature_projection(
                 alpha=0.7,
                 label=_context_name(int(context), context_names),
             )
-    if axes:
-        axes[0].legend(fontsize="x-small", markerscale=2)
+    # A legend wherever the contexts differ from the first panel's (methods with their own).
+    shown: set[str] = set()
+    for axis in axes:
+        labels = tuple(axis.get_legend_handles_labels()[1])
+        if labels and str(labels) not in shown:
+            axis.legend(fontsize="x-small", markerscale=2)
+            shown.add(str(labels))
     return _save(figure, path)
 
 

@@ -23,6 +23,7 @@ Batches are ``(uint8 images, labels, contexts)``; labels and contexts of real im
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -68,7 +69,7 @@ from contextnorm.tasks.fid import (
     inception_features,
     local_classifier_features,
 )
-from contextnorm.tasks.module import TaskModule, build_optimizer
+from contextnorm.tasks.module import TaskModule, build_optimizer, run_with_contexts
 from contextnorm.tasks.network import build_generator_network, get_method, method_location
 from contextnorm.tasks.preprocess import BatchPreprocess
 
@@ -349,16 +350,28 @@ class GenerationModule(TaskModule):
         return latents, self.sample_contexts(count, source)
 
     @torch.no_grad()
-    def generate(self, latents: torch.Tensor, contexts: torch.Tensor) -> Iterator[torch.Tensor]:
-        """uint8 images for ``latents``/``contexts``, in batches, with the generator in eval mode
-        (its norms use their running estimates: each image depends on its latent alone)."""
+    def generate(
+        self, latents: torch.Tensor, contexts: torch.Tensor, *, batch_statistics: bool = False
+    ) -> Iterator[torch.Tensor]:
+        """uint8 images for ``latents``/``contexts``, in batches of ``sample_batch_size``.
+
+        By default the generator runs in eval mode: its norms use their running estimates, and
+        each image depends on its latent alone. With ``batch_statistics``, a copy of it runs in
+        training mode, so that each image is normalised with the statistics of its batch, as in
+        training (random draws inside the norms seeded from ``latent_seed``); the generator
+        itself, running estimates included, is left unchanged either way.
+        """
         was_training = self.generator.training
-        self.generator.eval()
+        generator = copy.deepcopy(self.generator).train() if batch_statistics else self.generator
+        if not batch_statistics:
+            generator.eval()
         try:
-            for chunk in torch.arange(len(latents)).split(self.sample_batch_size):
-                yield to_uint8(
-                    self(latents[chunk].to(self.device), contexts[chunk].to(self.device))
-                )
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(self.latent_seed)
+                for chunk in torch.arange(len(latents)).split(self.sample_batch_size):
+                    ids = contexts[chunk].to(self.device)
+                    images = run_with_contexts(generator, latents[chunk].to(self.device), ids)
+                    yield to_uint8(images)
         finally:
             self.generator.train(was_training)
 
@@ -369,8 +382,9 @@ class GenerationModule(TaskModule):
         and run seed uses the same latents."""
         return torch.cat(list(self.generate(self.grid_latents, self.grid_contexts))).cpu()
 
-    def evaluate(self) -> dict[str, float]:
-        """FID, KID and KID spread of ``scores.num_generated`` images from the fixed latents."""
+    def evaluate(self, *, batch_statistics: bool = False) -> dict[str, float]:
+        """FID, KID and KID spread of ``scores.num_generated`` images from the fixed latents,
+        generated as :meth:`generate` does."""
         if self.scores is None:
             raise RuntimeError("this module was built without scores; pass scores=...")
         scores = self.scores.to(self.device)
@@ -380,7 +394,9 @@ class GenerationModule(TaskModule):
             scores.num_generated, self.latent_seed, _EVALUATION_STREAM
         )
         mine = torch.arange(rank, scores.num_generated, world_size)
-        for images in self.generate(latents[mine], contexts[mine]):
+        for images in self.generate(
+            latents[mine], contexts[mine], batch_statistics=batch_statistics
+        ):
             scores.update(images)
         return scores.compute(rank=rank, world_size=world_size)
 
@@ -576,12 +592,19 @@ class GenerationTask(Task):
                 f"features: {extractor}",
             ],
             views={
-                "generated": ViewSpec(
-                    "final generator",
+                "running": ViewSpec(
+                    "running estimates",
                     f"{options.generated_images} images generated from the fixed latents after "
                     f"the last epoch, scored against {len(self.real)} real "
-                    f"{options.real_split} images",
-                )
+                    f"{options.real_split} images; the generator in eval mode: its norms use "
+                    "their running estimates (the per-epoch curves are measured this way)",
+                ),
+                "batch": ViewSpec(
+                    "batch statistics",
+                    "the same images generated in training mode: each normalised with the "
+                    f"statistics of its batch of {self._sample_batch_size} generated images, as "
+                    "in training (a layer without batch statistics, CN-X, gives the same images)",
+                ),
             },
             metrics=[MetricSpec("fid", fid_title, **lower), MetricSpec("kid", kid_title, **lower)],
             curves=[
@@ -646,8 +669,13 @@ class GenerationTask(Task):
             evaluate_every=options.evaluate_every,
             grid_size=options.grid_size,
             latent_seed=options.latent_seed,
-            sample_batch_size=config.train.eval_batch_size or config.train.batch_size,
+            sample_batch_size=self._sample_batch_size,
         )
+
+    @property
+    def _sample_batch_size(self) -> int:
+        train = self.config.train
+        return train.eval_batch_size or train.batch_size
 
     def datamodule(self, index: int, module: TaskModule) -> GenerationData:
         train = self.config.train
@@ -662,7 +690,10 @@ class GenerationTask(Task):
         datamodule: L.LightningDataModule,
     ) -> dict[str, dict[str, float]]:
         assert isinstance(module, GenerationModule)
-        return {"generated": module.evaluate()}
+        return {
+            "running": module.evaluate(),
+            "batch": module.evaluate(batch_statistics=True),
+        }
 
     def probe(self, index: int, module: TaskModule, count: int, seed: int) -> Probe:
         assert isinstance(module, GenerationModule)
