@@ -308,9 +308,10 @@ def test_scores_with_running_estimates_and_with_batch_statistics(tmp_path):
         assert module.evaluate(batch_statistics=True) == scores[method][1]
     running, batch = scores["bn"]
     assert running["fid"] != pytest.approx(batch["fid"], rel=1e-3)
-    # CN-X normalises with learned statistics in both modes: the same images, the same scores.
+    # CN-X normalises with learned statistics in both modes: the same images, the same scores
+    # (up to float rounding: the two modes generate in batches of other sizes).
     running, batch = scores["cnx"]
-    assert running == batch
+    assert batch["fid"] == pytest.approx(running["fid"], rel=1e-5)
 
 
 def test_scores_every_n_epochs_and_after_the_last_in_their_epochs_records(tmp_path):

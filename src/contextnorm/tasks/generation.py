@@ -257,7 +257,7 @@ class GenerationModule(TaskModule):
         evaluate_every: score every this many epochs and after the last one.
         grid_size: images of the fixed sample grid (:meth:`grid_images`).
         latent_seed: seed of the fixed latents (grid and scored images).
-        sample_batch_size: batch size when generating images for scores and grids.
+        sample_batch_size: batch size when generating images in eval mode.
 
     Raises:
         ValueError: a generator without ``latent_dim``, a context generator without a prior,
@@ -353,22 +353,26 @@ class GenerationModule(TaskModule):
     def generate(
         self, latents: torch.Tensor, contexts: torch.Tensor, *, batch_statistics: bool = False
     ) -> Iterator[torch.Tensor]:
-        """uint8 images for ``latents``/``contexts``, in batches of ``sample_batch_size``.
+        """uint8 images for ``latents``/``contexts``, in batches.
 
-        By default the generator runs in eval mode: its norms use their running estimates, and
-        each image depends on its latent alone. With ``batch_statistics``, a copy of it runs in
-        training mode, so that each image is normalised with the statistics of its batch, as in
-        training (random draws inside the norms seeded from ``latent_seed``); the generator
+        By default the generator runs in eval mode, in batches of ``sample_batch_size``: its
+        norms use their running estimates, and each image depends on its latent alone. With
+        ``batch_statistics``, a copy of it runs in training mode, in batches of the training
+        batch size, so that each image is normalised with the statistics of its batch as in
+        training (random draws inside the norms seeded from ``latent_seed``). The generator
         itself, running estimates included, is left unchanged either way.
         """
         was_training = self.generator.training
-        generator = copy.deepcopy(self.generator).train() if batch_statistics else self.generator
-        if not batch_statistics:
-            generator.eval()
+        if batch_statistics:
+            generator = copy.deepcopy(self.generator).train()
+            batch_size = self.optimization.batch_size
+        else:
+            generator = self.generator.eval()
+            batch_size = self.sample_batch_size
         try:
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 torch.manual_seed(self.latent_seed)
-                for chunk in torch.arange(len(latents)).split(self.sample_batch_size):
+                for chunk in torch.arange(len(latents)).split(batch_size):
                     ids = contexts[chunk].to(self.device)
                     images = run_with_contexts(generator, latents[chunk].to(self.device), ids)
                     yield to_uint8(images)
@@ -602,7 +606,7 @@ class GenerationTask(Task):
                 "batch": ViewSpec(
                     "batch statistics",
                     "the same images generated in training mode: each normalised with the "
-                    f"statistics of its batch of {self._sample_batch_size} generated images, as "
+                    f"statistics of its batch of {config.train.batch_size} generated images, as "
                     "in training (a layer without batch statistics, CN-X, gives the same images)",
                 ),
             },
@@ -669,13 +673,8 @@ class GenerationTask(Task):
             evaluate_every=options.evaluate_every,
             grid_size=options.grid_size,
             latent_seed=options.latent_seed,
-            sample_batch_size=self._sample_batch_size,
+            sample_batch_size=config.train.eval_batch_size or config.train.batch_size,
         )
-
-    @property
-    def _sample_batch_size(self) -> int:
-        train = self.config.train
-        return train.eval_batch_size or train.batch_size
 
     def datamodule(self, index: int, module: TaskModule) -> GenerationData:
         train = self.config.train
