@@ -20,8 +20,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from contextnorm.cli import main
 from contextnorm.config import ConfigError, TrainConfig
+from contextnorm.io import atomic_write_json
 from contextnorm.methods import METHODS, BatchNorm, NormMethod
-from contextnorm.metrics import paired_difference
+from contextnorm.metrics import MetricSpec, ReportSpec, ViewSpec, paired_difference
 from contextnorm.runner import load_results, run_experiment
 from contextnorm.runner.callbacks import EpochHistory
 from contextnorm.runner.fingerprint import differences, run_settings
@@ -303,6 +304,27 @@ def test_the_bar_shows_the_method_seed_epoch_and_metrics(tmp_path, capsys) -> No
 
 
 # --- the pieces of the tables ------------------------------------------------------------------
+
+
+def test_a_report_description_keeps_the_order_of_its_views_through_a_sorted_json_file(
+    tmp_path,
+) -> None:
+    spec = ReportSpec(
+        about=["data"],
+        views={"running": ViewSpec("running", "r"), "batch": ViewSpec("batch", "b")},
+        metrics=[MetricSpec("fid", "FID", lower=0.0, higher_is_better=False)],
+        curves=[],
+        run_images={"samples.png": "what the grid shows"},
+    )
+    atomic_write_json(tmp_path / "spec.json", spec.to_json())
+    stored = json.loads((tmp_path / "spec.json").read_text(encoding="utf-8"))
+    assert ReportSpec.from_json(stored) == spec
+    assert list(ReportSpec.from_json(stored).views) == ["running", "batch"]
+    # A folder written by an earlier version: views as a mapping, run images as a list.
+    stored.update(views={"a": {"title": "A", "description": "a"}}, run_images=["samples.png"])
+    earlier = ReportSpec.from_json(stored)
+    assert earlier.views == {"a": ViewSpec("A", "a")}
+    assert earlier.run_images == {"samples.png": ""}
 
 
 def test_paired_differences_use_the_seeds_both_finished() -> None:

@@ -113,13 +113,16 @@ class ReportSpec:
         raise KeyError(f"no test metric {key!r}; metrics: {[spec.key for spec in self.metrics]}")
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        # A list: JSON files are written with sorted keys, and the views' order is the tables'.
+        data["views"] = [{"name": name, **asdict(view)} for name, view in self.views.items()]
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ReportSpec:
         return cls(
             about=list(data["about"]),
-            views={name: ViewSpec(**view) for name, view in data["views"].items()},
+            views=_views(data["views"]),
             metrics=[MetricSpec(**spec) for spec in data["metrics"]],
             curves=[MetricSpec(**spec) for spec in data["curves"]],
             notes=list(data.get("notes", [])),
@@ -127,6 +130,13 @@ class ReportSpec:
             context_names=list(data.get("context_names", [])),
             run_images=_captions(data.get("run_images", {})),
         )
+
+
+def _views(views: Mapping[str, Any] | list[dict[str, str]]) -> dict[str, ViewSpec]:
+    # Results of an earlier version store the views as a mapping (in sorted order).
+    if isinstance(views, Mapping):
+        return {name: ViewSpec(**view) for name, view in views.items()}
+    return {view["name"]: ViewSpec(view["title"], view["description"]) for view in views}
 
 
 def _captions(images: Mapping[str, str] | list[str]) -> dict[str, str]:
