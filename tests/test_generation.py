@@ -544,7 +544,8 @@ def test_inception_weights_errors_reach_the_command_line(tmp_path, capsys, weigh
 def test_a_generation_experiment_runs_end_to_end(tmp_path):
     config = generation_config(
         tmp_path,
-        "methods=[bn, cn, {name: acn, label: acn-k2, options: {num_components: 2}}]",
+        "methods=[bn, cn, {name: acn, label: acn-k2, options: {num_components: 2}}, "
+        "{name: cnx, label: cnx-class, contexts: {kind: class}}]",
         "train.epochs=2",
         "train.seeds=[0, 1]",
         "plots.enabled=true",
@@ -580,5 +581,11 @@ def test_a_generation_experiment_runs_end_to_end(tmp_path):
     with np.load(results_dir / "runs/cn/seed-0/activations.npz") as arrays:
         assert set(np.unique(arrays["contexts"])) <= {0, 1, 2}
         assert arrays["labels"].tolist() == [-1] * 40
-    with np.load(results_dir / "runs/bn/seed-0/activations.npz") as arrays:
-        assert set(np.unique(arrays["contexts"])) == {-1}
+    for method in ("bn", "cnx-class"):  # no context, or contexts other than the experiment's
+        with np.load(results_dir / f"runs/{method}/seed-0/activations.npz") as arrays:
+            assert set(np.unique(arrays["contexts"])) == {-1}
+    # Class contexts: one id per class, drawn with the classes' shares.
+    (own,) = [entry for entry in info["contexts"] if entry["method"] == "cnx-class"]
+    assert own["kind"] == "class" and own["num_contexts"] == 10
+    assert sum(own["prior"]) == pytest.approx(1.0) and min(own["prior"]) > 0.05
+    assert "cnx-class: class, K = 10" in markdown

@@ -699,7 +699,9 @@ class GenerationTask(Task):
         latents, contexts = module.fixed_inputs(count, seed, _PROBE_STREAM)
         # One batch: the runner records the layer's input and output of this call.
         module(latents.to(module.device), contexts.to(module.device))
-        shown = contexts if module.uses_context else torch.full_like(contexts, -1)
+        # The figures name the experiment's contexts; other ids are not shown as theirs.
+        named = module.uses_context and self.contexts[index] is self.shared
+        shown = contexts if named else torch.full_like(contexts, -1)
         return Probe(contexts=shown, labels=torch.full_like(contexts, -1))
 
     def save_artifacts(self, index: int, module: TaskModule, run_dir: Path) -> None:
