@@ -589,3 +589,18 @@ def test_a_generation_experiment_runs_end_to_end(tmp_path):
     assert own["kind"] == "class" and own["num_contexts"] == 10
     assert sum(own["prior"]) == pytest.approx(1.0) and min(own["prior"]) > 0.05
     assert "cnx-class: class, K = 10" in markdown
+
+
+@pytest.mark.slow
+def test_early_stopping_when_asked_counts_the_epochs_that_measured_the_fid(tmp_path):
+    config = generation_config(
+        tmp_path,
+        "methods=[bn]",
+        "train.epochs=4",
+        "train.early_stopping_patience=1",
+        "task.options.evaluate_every=2",
+    )
+    (method,) = load_results(run_experiment(config)).methods
+    (record,) = method.finished()
+    assert [("val/fid" in epoch) for epoch in record.history] == [False, True, False, True]
+    assert record.best["epoch"] in (2, 4)
