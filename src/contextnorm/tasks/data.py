@@ -204,7 +204,9 @@ def check_contexts(contexts: Any, split: str, num_samples: int, num_contexts: in
 
 
 def context_names(kind: str, train: ImageData, num_contexts: int) -> list[str]:
-    """A readable name for each context id: the domain or superclass names where there are."""
+    """A readable name for each context id: domain, superclass or class names where there are."""
+    if kind == "class" and len(train.classes) == num_contexts:
+        return list(train.classes)
     if kind == "domain" and train.domain_names is not None:
         return list(train.domain_names)
     if (
@@ -282,26 +284,39 @@ class ContextDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
 
-    def _loader(self, split: ContextSplit, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            split.dataset(),
-            batch_size=batch_size,
-            shuffle=shuffle,
-            # A last training batch of one image breaks batch statistics on 1x1 feature maps.
-            drop_last=shuffle and len(split.data) > batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train, self.batch_size, shuffle=True)
+        return split_loader(self.train, self.batch_size, shuffle=True, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val, self.eval_batch_size, shuffle=False)
+        return split_loader(
+            self.val, self.eval_batch_size, shuffle=False, num_workers=self.num_workers
+        )
 
     def test_dataloader(self) -> list[DataLoader]:
         return [
-            self._loader(split, self.eval_batch_size, shuffle=False)
+            split_loader(split, self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
             for split in self.test_views.values()
         ]
+
+
+def split_loader(
+    split: ContextSplit, batch_size: int, *, shuffle: bool, num_workers: int = 0
+) -> DataLoader:
+    """A loader of (image, label, context) batches of ``split``.
+
+    Args:
+        split: the images and their contexts.
+        batch_size: images per batch.
+        shuffle: training order: shuffled, and the last incomplete batch dropped.
+        num_workers: loader worker processes.
+    """
+    return DataLoader(
+        split.dataset(),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        # A last training batch of one image breaks batch statistics on 1x1 feature maps.
+        drop_last=shuffle and len(split.data) > batch_size,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
