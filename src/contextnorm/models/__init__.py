@@ -4,9 +4,13 @@
 * :class:`DenseNet`, :func:`densenet40`, :func:`densenet100`: CIFAR DenseNets (Faye et al.
   2024b, Tables I-IV).
 * :class:`VisionTransformer`: the Keras example ViT (Faye et al. 2024b, Table V; 2024c, Table 1).
-* :func:`build_model` / :data:`MODELS`: the same by name, for configs.
+* :class:`DCGANGenerator`, :class:`DCGANDiscriminator`: the DCGAN of the image-generation
+  experiment (Faye et al. 2024a, 2024b, §IV-D).
+* :func:`build_model` / :data:`MODELS`, :func:`build_generator` / :data:`GENERATORS`: the same
+  by name, for configs.
 """
 
+from .dcgan import DCGANDiscriminator, DCGANGenerator
 from .densenet import DenseNet, densenet40, densenet100
 from .placement import (
     PLACEMENT_MODES,
@@ -16,13 +20,16 @@ from .placement import (
     Placement,
     PlacementSpec,
 )
-from .registry import MODELS, build_model
+from .registry import GENERATORS, MODELS, build_generator, build_model
 from .shallow_cnn import ShallowCNN
 from .vit import VisionTransformer
 
 __all__ = [
+    "GENERATORS",
     "MODELS",
     "PLACEMENT_MODES",
+    "DCGANDiscriminator",
+    "DCGANGenerator",
     "DenseNet",
     "NormFactory",
     "NormSiteModel",
@@ -31,6 +38,7 @@ __all__ = [
     "PlacementSpec",
     "ShallowCNN",
     "VisionTransformer",
+    "build_generator",
     "build_model",
     "densenet100",
     "densenet40",

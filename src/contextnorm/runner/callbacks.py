@@ -1,4 +1,5 @@
-"""Callbacks and plugins of every run: durable history, exact resume, divergence, interrupts."""
+"""Callbacks and plugins of every run: durable history, checkpoints, exact resume, divergence,
+interrupts."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import LayerSync
 from torch import nn
 
@@ -21,7 +23,14 @@ from contextnorm.metrics import EpochRecord
 
 
 class EpochHistory(L.Callback):
-    """Keeps one record per finished epoch: every logged epoch metric and the epoch's wall time.
+    """Keeps one record per finished epoch: every value logged in that epoch, and its wall time.
+
+    A record holds what the epoch logged and nothing older: Lightning's ``callback_metrics``
+    keeps every value it has computed, so a value logged every few epochs (a GAN's FID, a
+    validation run every other epoch) would otherwise reappear in the records of the epochs
+    in between; it is emptied when an epoch starts. The record is taken by
+    :class:`EpochCheckpoint` once the module's ``on_train_epoch_end`` has logged its values,
+    just before the epoch's checkpoint is written.
 
     The history is part of each checkpoint, so a resumed run continues it instead of starting
     over, and the finished run's result carries the curves of all its epochs. An epoch whose
@@ -54,10 +63,15 @@ class EpochHistory(L.Callback):
             self.on_resume(self.resumed_after_epochs)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.callback_metrics.clear()
         self._epoch_start = time.perf_counter()
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Validation has already run for this epoch, so its metrics are here too.
+    def record_epoch(self, trainer: L.Trainer) -> None:
+        """Keep the record of the epoch that ``trainer`` just finished.
+
+        Raises:
+            FloatingPointError: a value logged in the epoch is not finite.
+        """
         record: EpochRecord = {
             name: float(value)
             for name, value in trainer.callback_metrics.items()
@@ -81,6 +95,30 @@ class EpochHistory(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.records = list(state_dict["records"])
         self.resumed_after_epochs = len(self.records)
+
+
+class EpochCheckpoint(ModelCheckpoint):
+    """The run's checkpoint after every epoch, written once the epoch's record is complete.
+
+    Lightning calls the callbacks' ``on_train_epoch_end`` before the module's, except those of
+    checkpoints and early stopping, which it calls after, so that they see what the module logs
+    there. A record taken by an ordinary callback would miss those values, or show the previous
+    epoch's (a GAN's FID lagged one epoch that way). This checkpoint asks ``history`` for the
+    epoch's record first, then writes the checkpoint, which therefore holds the record.
+
+    Args:
+        history: the run's history.
+        **kwargs: arguments of ``ModelCheckpoint``; it always saves at the end of the training
+            epoch, after validation, even when validation runs only every few epochs.
+    """
+
+    def __init__(self, history: EpochHistory, **kwargs: Any) -> None:
+        super().__init__(save_on_train_epoch_end=True, **kwargs)
+        self.history = history
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.history.record_epoch(trainer)
+        super().on_train_epoch_end(trainer, pl_module)
 
 
 class EpochSeeding(L.Callback):

@@ -136,7 +136,8 @@ def run_single(task: Task, index: int, seed: int, progress: Progress) -> RunOutc
             run_dir,
             seed=seed,
             selection=task.selection,
-            callbacks=[history, interrupts, *progress.callbacks(title, shown)],
+            history=history,
+            callbacks=[interrupts, *progress.callbacks(title, shown)],
             progress_bar=progress.mode == "bar",
         )
         try:

@@ -8,13 +8,19 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 from torch.nn.parallel import DistributedDataParallel
 
 from contextnorm.config import TrainConfig
-from contextnorm.runner.callbacks import AtomicCheckpointIO, EpochSeeding, SyncNormStatistics
+from contextnorm.runner.callbacks import (
+    AtomicCheckpointIO,
+    EpochCheckpoint,
+    EpochHistory,
+    EpochSeeding,
+    SyncNormStatistics,
+)
 from contextnorm.tasks import Selection
 
 CHECKPOINT_FOLDER = "checkpoints"
@@ -33,6 +39,7 @@ def build_trainer(
     *,
     seed: int,
     selection: Selection,
+    history: EpochHistory,
     callbacks: Sequence[L.Callback],
     progress_bar: bool,
 ) -> L.Trainer:
@@ -44,23 +51,26 @@ def build_trainer(
     off: evaluation shards may then differ by a batch between processes without a hang.
 
     It keeps one checkpoint file, ``checkpoints/last.ckpt``, rewritten (atomically) after every
-    epoch; logs per-epoch metrics to ``csv/`` and ``tensorboard/``; reseeds every epoch from
-    ``seed`` (exact resume); and stops early on the task's selection metric when
-    ``settings.early_stopping_patience`` is set.
+    epoch with ``history``'s record of that epoch; logs per-epoch metrics to ``csv/`` and
+    ``tensorboard/``; reseeds every epoch from ``seed`` (exact resume); and stops early on the
+    task's selection metric when ``settings.early_stopping_patience`` is set.
 
     Args:
         settings: the experiment's training settings.
         run_dir: the run's folder.
         seed: the run's seed.
         selection: the task's metric that selects and stops.
-        callbacks: the runner's own callbacks (history, progress, interrupts).
+        history: the run's per-epoch records (kept in every checkpoint).
+        callbacks: the runner's other callbacks (progress, interrupts).
         progress_bar: whether one of ``callbacks`` is a progress bar.
     """
     every: list[L.Callback] = [
+        history,
         *callbacks,
         EpochSeeding(seed),
         # No monitored metric and one file kept: the newest epoch, under one fixed name.
-        ModelCheckpoint(
+        EpochCheckpoint(
+            history,
             dirpath=run_dir / CHECKPOINT_FOLDER,
             filename=CHECKPOINT_NAME,
             save_top_k=1,
@@ -69,8 +79,13 @@ def build_trainer(
     ]
     if settings.early_stopping_patience is not None:
         every.append(
+            # Not strict: a task may measure its selection metric every few epochs (a GAN's
+            # FID); the patience then counts the epochs that measured it.
             EarlyStopping(
-                selection.metric, patience=settings.early_stopping_patience, mode=selection.mode
+                selection.metric,
+                patience=settings.early_stopping_patience,
+                mode=selection.mode,
+                strict=False,
             )
         )
     return L.Trainer(

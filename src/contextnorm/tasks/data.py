@@ -205,7 +205,9 @@ def check_contexts(contexts: Any, split: str, num_samples: int, num_contexts: in
 
 
 def context_names(kind: str, train: ImageData, num_contexts: int) -> list[str]:
-    """A readable name for each context id: the domain or superclass names where there are."""
+    """A readable name for each context id: domain, superclass or class names where there are."""
+    if kind == "class" and len(train.classes) == num_contexts:
+        return list(train.classes)
     if kind == "domain" and train.domain_names is not None:
         return list(train.domain_names)
     if (
@@ -334,26 +336,62 @@ class ContextDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
 
-    def _loader(self, split: ContextSplit, train: bool) -> DataLoader:
-        batch_size, key = (
-            (self.batch_size, "train.batch_size")
-            if train
-            else (self.eval_batch_size, "train.eval_batch_size")
-        )
-        return data_loader(
-            split.dataset(),
-            batch_size,
-            train=train,
-            trainer=self.trainer,
-            key=key,
-            num_workers=self.num_workers,
-        )
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train, train=True)
+        return split_loader(
+            self.train,
+            self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            trainer=self.trainer,
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val, train=False)
+        return split_loader(
+            self.val,
+            self.eval_batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            trainer=self.trainer,
+        )
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [self._loader(split, train=False) for split in self.test_views.values()]
+        return [
+            split_loader(
+                split,
+                self.eval_batch_size,
+                shuffle=False,
+                num_workers=self.num_workers,
+                trainer=self.trainer,
+            )
+            for split in self.test_views.values()
+        ]
+
+
+def split_loader(
+    split: ContextSplit,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    num_workers: int = 0,
+    trainer: L.Trainer | None = None,
+) -> DataLoader:
+    """A loader of (image, label, context) batches of ``split`` for this process.
+
+    Args:
+        split: the images and their contexts.
+        batch_size: images per batch of a whole step (``train.batch_size`` or
+            ``train.eval_batch_size``), split over the processes (see :func:`data_loader`).
+        shuffle: training order: shuffled, and the last incomplete batch dropped; otherwise
+            evaluation order.
+        num_workers: loader worker processes.
+        trainer: the Trainer the loader serves (a data module's ``self.trainer``), which says
+            how many processes share the batch; ``None``: one process.
+    """
+    return data_loader(
+        split.dataset(),
+        batch_size,
+        train=shuffle,
+        trainer=trainer,
+        key="train.batch_size" if shuffle else "train.eval_batch_size",
+        num_workers=num_workers,
+    )
