@@ -108,7 +108,8 @@ class Task(ABC):
     batch statistics over all processes, and metrics are reduced over processes (torchmetrics
     objects; values logged with ``sync_dist=True``); the runner writes every file from the main
     process, and calls :meth:`save_artifacts` there only. ``train.batch_size`` is the batch of a
-    whole step: build loaders with :func:`~contextnorm.tasks.data.data_loader`, which gives each
+    whole step: build loaders with :func:`~contextnorm.tasks.data.split_loader` (or
+    :func:`~contextnorm.tasks.data.data_loader` for another data set), which gives each
     process its share and evaluates every sample once (evaluation shards may then differ in
     size: log evaluation values as torchmetrics objects, e.g. a loss as ``MeanMetric``, which
     reduce exactly, rather than with ``sync_dist``, which averages the processes' means).
