@@ -42,6 +42,7 @@ def build_trainer(
     history: EpochHistory,
     callbacks: Sequence[L.Callback],
     progress_bar: bool,
+    partial_losses: bool = False,
 ) -> L.Trainer:
     """A Trainer for one (method, seed) run writing into ``run_dir``.
 
@@ -63,6 +64,9 @@ def build_trainer(
         history: the run's per-epoch records (kept in every checkpoint).
         callbacks: the runner's other callbacks (progress, interrupts).
         progress_bar: whether one of ``callbacks`` is a progress bar.
+        partial_losses: the module optimises manually, with losses that each reach part of its
+            parameters (a GAN's generator and discriminator losses): DDP then looks for the
+            parameters a backward pass left out, instead of waiting for their gradients.
     """
     every: list[L.Callback] = [
         history,
@@ -93,7 +97,7 @@ def build_trainer(
         accelerator=settings.accelerator,
         devices=settings.devices,
         num_nodes=settings.num_nodes,
-        strategy=_strategy(settings),
+        strategy=_strategy(settings, partial_losses),
         precision=settings.precision,
         deterministic=settings.deterministic,
         callbacks=every,
@@ -125,7 +129,7 @@ def process_count(settings: TrainConfig) -> int:
     return per_node * settings.num_nodes
 
 
-def _strategy(settings: TrainConfig) -> str | DDPStrategy:
+def _strategy(settings: TrainConfig, partial_losses: bool) -> str | DDPStrategy:
     """DDP without per-forward buffer broadcasts for several processes; Lightning's choice for one.
 
     The buffers are still made equal once, when DDP wraps the model.
@@ -134,4 +138,5 @@ def _strategy(settings: TrainConfig) -> str | DDPStrategy:
         return "auto"
     # Newer torch names the switch forward_sync_buffers and deprecates broadcast_buffers.
     forward_only = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-    return DDPStrategy(**{"forward_sync_buffers" if forward_only else "broadcast_buffers": False})
+    buffers = "forward_sync_buffers" if forward_only else "broadcast_buffers"
+    return DDPStrategy(**{buffers: False}, find_unused_parameters=partial_losses)
