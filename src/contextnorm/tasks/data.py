@@ -336,33 +336,20 @@ class ContextDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
 
-    def train_dataloader(self) -> DataLoader:
+    def _loader(self, split: ContextSplit, batch_size: int, shuffle: bool) -> DataLoader:
         return split_loader(
-            self.train,
-            self.batch_size,
-            shuffle=True,
-            num_workers=self.num_workers,
-            trainer=self.trainer,
+            split, batch_size, shuffle=shuffle, num_workers=self.num_workers, trainer=self.trainer
         )
 
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train, self.batch_size, shuffle=True)
+
     def val_dataloader(self) -> DataLoader:
-        return split_loader(
-            self.val,
-            self.eval_batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            trainer=self.trainer,
-        )
+        return self._loader(self.val, self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> list[DataLoader]:
         return [
-            split_loader(
-                split,
-                self.eval_batch_size,
-                shuffle=False,
-                num_workers=self.num_workers,
-                trainer=self.trainer,
-            )
+            self._loader(split, self.eval_batch_size, shuffle=False)
             for split in self.test_views.values()
         ]
 
