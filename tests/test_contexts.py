@@ -22,6 +22,7 @@ from contextnorm.contexts import (
     label_derived,
 )
 from contextnorm.data import ImageData, load_dataset
+from contextnorm.tasks.data import context_names
 
 
 @pytest.fixture(scope="module")
@@ -160,11 +161,23 @@ def test_domain_contexts(digits_train, digits_test) -> None:
         builder.assign(ten_class_data())
 
 
+def test_class_contexts_are_the_labels(digits_train, digits_test) -> None:
+    builder = build_contexts("class", None, digits_train)
+    assert builder.num_contexts == 10
+    assert torch.equal(builder.assign(digits_test), digits_test.labels)
+    assert context_names("class", digits_train, 10) == digits_train.classes
+    with pytest.raises(ValueError, match="has 10 'class' contexts"):
+        build_contexts("class", 3, digits_train)
+    one_class = ImageData(digits_test.images[:4], torch.zeros(4, dtype=torch.int64), ["0"])
+    with pytest.raises(ValueError, match="fitted on 10"):
+        builder.assign(one_class)
+
+
 # --- factory and flags ----------------------------------------------------------------------------
 
 
 def test_factory_checks_kind_and_count(digits_train) -> None:
-    assert list(CONTEXTS) == ["kmeans", "gmm", "superclass", "domain", "random"]
+    assert list(CONTEXTS) == ["kmeans", "gmm", "superclass", "class", "domain", "random"]
     assert isinstance(build_contexts("gmm", 3, digits_train, seed=1, features="pca"), GMMContexts)
     with pytest.raises(ValueError, match="num_contexts is required"):
         build_contexts("kmeans", None, digits_train)
@@ -175,7 +188,7 @@ def test_factory_checks_kind_and_count(digits_train) -> None:
 
 
 def test_label_derived() -> None:
-    assert [label_derived(kind) for kind in CONTEXTS] == [False, False, True, False, False]
+    assert [label_derived(kind) for kind in CONTEXTS] == [False, False, True, True, False, False]
     with pytest.raises(ValueError, match="unknown context kind"):
         label_derived("oracle")
 

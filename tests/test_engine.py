@@ -276,7 +276,7 @@ def test_label_derived_contexts_report_oracle_predicted_and_unknown_views(tmp_pa
     results_dir = run_experiment(config)
 
     info = json.loads((results_dir / "experiment.json").read_text(encoding="utf-8"))
-    assert list(info["report"]["views"]) == ["oracle", "predicted", "unknown"]
+    assert [view["name"] for view in info["report"]["views"]] == ["oracle", "predicted", "unknown"]
     assert 0.5 <= info["context_prediction_accuracy"] <= 1.0
     header = next(csv.reader((results_dir / "results.csv").open()))
     for view in ("oracle", "predicted", "unknown"):

@@ -12,18 +12,23 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from contextnorm.cli import main
-from contextnorm.config import ConfigError
+from contextnorm.config import ConfigError, TrainConfig
+from contextnorm.io import atomic_write_json
 from contextnorm.methods import METHODS, BatchNorm, NormMethod
-from contextnorm.metrics import paired_difference
+from contextnorm.metrics import MetricSpec, ReportSpec, ViewSpec, paired_difference
 from contextnorm.runner import load_results, run_experiment
 from contextnorm.runner.callbacks import EpochHistory
 from contextnorm.runner.fingerprint import differences, run_settings
 from contextnorm.runner.progress import Progress, RunProgressBar
+from contextnorm.runner.trainer import build_trainer, last_checkpoint
+from contextnorm.tasks import Selection
 
 from tiny import tiny_config
 
@@ -72,6 +77,54 @@ def test_run_settings_come_from_the_schema_and_differences_name_both_values(tmp_
         "data.seed: 0 -> 3",
         "train.lr: 0.001 -> 0.01",
     ]
+
+
+# --- the history of a run ---------------------------------------------------------------------
+
+
+class ScoredEveryOtherEpoch(L.LightningModule):
+    """Logs a score at the end of every other epoch, as a GAN logs its FID every few epochs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(1, 1)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.layer(batch[0]).square().mean()
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch[0]))
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        if self.current_epoch % 2 == 0:
+            self.log("val/score", 10.0 + self.current_epoch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_each_epoch_record_holds_what_that_epoch_logged_and_the_checkpoint_holds_it(
+    tmp_path,
+) -> None:
+    history = EpochHistory()
+    trainer = build_trainer(
+        TrainConfig(epochs=3, accelerator="cpu", devices=1, progress="none"),
+        tmp_path,
+        seed=0,
+        selection=Selection("val/score", "min"),
+        history=history,
+        callbacks=[],
+        progress_bar=False,
+    )
+    data = DataLoader(TensorDataset(torch.randn(8, 1)), batch_size=4)
+    trainer.fit(ScoredEveryOtherEpoch(), data)
+    # Values logged in the module's on_train_epoch_end belong to that epoch, not the next, and
+    # an epoch that logged no score has none (not the previous epoch's).
+    assert [record.get("val/score") for record in history.records] == [10.0, None, 12.0]
+    assert [record["epoch"] for record in history.records] == [0, 1, 2]
+    assert all("train/loss" in record for record in history.records)
+    # The checkpoint written after the last epoch holds that epoch's complete record.
+    checkpoint = torch.load(last_checkpoint(tmp_path), map_location="cpu", weights_only=False)
+    assert checkpoint["callbacks"]["EpochHistory"]["records"] == history.records
 
 
 # --- results folders keep what they hold -------------------------------------------------------
@@ -251,6 +304,27 @@ def test_the_bar_shows_the_method_seed_epoch_and_metrics(tmp_path, capsys) -> No
 
 
 # --- the pieces of the tables ------------------------------------------------------------------
+
+
+def test_a_report_description_keeps_the_order_of_its_views_through_a_sorted_json_file(
+    tmp_path,
+) -> None:
+    spec = ReportSpec(
+        about=["data"],
+        views={"running": ViewSpec("running", "r"), "batch": ViewSpec("batch", "b")},
+        metrics=[MetricSpec("fid", "FID", lower=0.0, higher_is_better=False)],
+        curves=[],
+        run_images={"samples.png": "what the grid shows"},
+    )
+    atomic_write_json(tmp_path / "spec.json", spec.to_json())
+    stored = json.loads((tmp_path / "spec.json").read_text(encoding="utf-8"))
+    assert ReportSpec.from_json(stored) == spec
+    assert list(ReportSpec.from_json(stored).views) == ["running", "batch"]
+    # A folder written by an earlier version: views as a mapping, run images as a list.
+    stored.update(views={"a": {"title": "A", "description": "a"}}, run_images=["samples.png"])
+    earlier = ReportSpec.from_json(stored)
+    assert earlier.views == {"a": ViewSpec("A", "a")}
+    assert earlier.run_images == {"samples.png": ""}
 
 
 def test_paired_differences_use_the_seeds_both_finished() -> None:

@@ -97,10 +97,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(arguments: argparse.Namespace) -> int:
     config = load_config(arguments.config, arguments.overrides)
-    from contextnorm.runner import headline_table, load_results, run_experiment
+    from contextnorm.runner import headline_table, is_main_process, load_results, run_experiment
 
     start = time.perf_counter()
     results_dir = run_experiment(config, echo=lambda line: print(line, flush=True))
+    if not is_main_process():
+        # The other processes of a multi-device run: the first one reports.
+        return 0
     print()
     print(headline_table(load_results(results_dir)))
     print(
@@ -123,17 +126,18 @@ def _list(arguments: argparse.Namespace) -> int:
     from contextnorm.contexts import CONTEXTS
     from contextnorm.data import DATASETS
     from contextnorm.methods import METHODS
-    from contextnorm.models import MODELS
+    from contextnorm.models import GENERATORS, MODELS
     from contextnorm.tasks import TASKS
 
-    for registry, key in (
-        (TASKS, "task.name"),
-        (METHODS, "methods"),
-        (DATASETS, "data.name"),
-        (MODELS, "model.name"),
-        (CONTEXTS, "contexts.kind"),
+    for registry, where in (
+        (TASKS, "`task.name` in a config"),
+        (METHODS, "`methods` in a config"),
+        (DATASETS, "`data.name` in a config"),
+        (MODELS, "`model.name` in a config"),
+        (GENERATORS, "`model.name` in a generation config"),
+        (CONTEXTS, "`contexts.kind` in a config"),
     ):
-        print(f"{registry.plural} (`{key}` in a config):")
+        print(f"{registry.plural} ({where}):")
         for name in registry:
             print(f"  {name:<16} {registry.summary(name)}")
         print()

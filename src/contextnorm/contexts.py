@@ -1,14 +1,16 @@
 """Context assignments: which context each sample belongs to, for the context-based normalizations.
 
 The context kinds of :data:`CONTEXTS` follow the papers' sources of contexts: k-means clusters
-of the inputs, the components of a Gaussian mixture fitted by EM, superclasses, and visual
-domains; ``random`` is the ablation that keeps the number and sizes of the groups and drops
-their information. A builder is fitted on the training split only and then assigns contexts
-to any split; ``KMeansContexts`` and ``GMMContexts`` look at the images alone, never at labels.
+of the inputs, the components of a Gaussian mixture fitted by EM, superclasses (and the classes
+themselves, for generation), and visual domains; ``random`` is the ablation that keeps the
+number and sizes of the groups and drops their information. A builder is fitted on the
+training split only and then assigns contexts to any split; ``KMeansContexts`` and
+``GMMContexts`` look at the images alone, never at labels.
 
-Superclass contexts are a function of the label, so a model given them at test time has been
-told part of the answer. ``label_derived`` flags such kinds, and ``ContextPredictor`` infers a
-label-derived context from the image alone for the honest second number.
+Superclass and class contexts are a function of the label, so a model given them at test time
+has been told (part of) the answer. ``label_derived`` flags such kinds, and
+``ContextPredictor`` infers a label-derived context from the image alone for the honest second
+number.
 
 A kind of your own: a class with the :class:`ContextBuilder` interface, registered with
 ``@CONTEXTS.register("name")``; its constructor may take ``num_contexts`` and ``seed`` (passed
@@ -366,6 +368,41 @@ class SuperclassContexts:
                 "data has no coarse labels; superclass contexts need the data set of fit(train)."
             )
         return data.coarse_labels.clone()
+
+
+@CONTEXTS.register("class", summary="the classes themselves (K = the number of classes)")
+class ClassContexts:
+    """Contexts = classes: each sample's context is its label. Label-derived.
+
+    Meant for generation, where a context layer in the generator normalises each generated
+    image with the statistics of the class it is generated for (drawn from the classes'
+    shares). A classifier given these contexts at test time is given the answer: the
+    classification task tests it in the oracle, predicted and unknown views side by side.
+    """
+
+    label_derived: ClassVar[bool] = True
+    title: ClassVar[str] = "oracle class"
+    description: ClassVar[str] = "the true class of each test image: the label itself"
+
+    def __init__(self) -> None:
+        self.num_contexts = 0
+
+    def fit(self, train: ImageData) -> ClassContexts:
+        """Take K from the number of classes."""
+        _check_not_empty(train, "train")
+        self.num_contexts = train.num_classes
+        return self
+
+    def assign(self, data: ImageData) -> torch.Tensor:
+        """Each sample's label."""
+        if self.num_contexts == 0:
+            raise RuntimeError("ClassContexts.assign called before fit(train).")
+        if data.num_classes != self.num_contexts:
+            raise ValueError(
+                f"data has {data.num_classes} classes but the contexts were fitted on "
+                f"{self.num_contexts}."
+            )
+        return data.labels.clone()
 
 
 @CONTEXTS.register(

@@ -60,7 +60,7 @@ class NormMethod:
     @property
     def uses_context(self) -> bool:
         """Whether the layer needs each sample's context id (CN, CN-X, CN-E)."""
-        return self.count_argument == "num_contexts"
+        return bool(getattr(self.layer, "uses_context", False))
 
     def option_names(self) -> list[str]:
         """The options a config may set for this method."""
@@ -150,7 +150,7 @@ METHODS.register(
 )
 METHODS.register(
     "modenorm",
-    NormMethod(cn.ModeNorm, "num_modes"),
+    NormMethod(cn.ModeNorm, "num_contexts"),
     summary="Mode Normalization: gated batch statistics",
 )
 METHODS.register(

@@ -86,7 +86,9 @@ class ReportSpec:
         num_contexts: K, for the activation figures.
         context_names: a name per context id.
         run_images: image files a run writes (``Task.save_artifacts``), such as generated
-            samples; the report shows them for the first seed of each method.
+            samples, each with a line saying what it shows; the report draws a figure of each,
+            of the same name and with that line as its title, with a panel per method (its
+            first finished seed).
         curve_figures: further per-epoch figures, drawn like ``curves``: file name (without
             ``.png``) -> its panels.
     """
@@ -98,7 +100,7 @@ class ReportSpec:
     notes: list[str] = field(default_factory=list)
     num_contexts: int = 1
     context_names: list[str] = field(default_factory=list)
-    run_images: list[str] = field(default_factory=list)
+    run_images: dict[str, str] = field(default_factory=dict)
     curve_figures: dict[str, list[MetricSpec]] = field(default_factory=dict)
 
     @property
@@ -114,24 +116,39 @@ class ReportSpec:
         raise KeyError(f"no test metric {key!r}; metrics: {[spec.key for spec in self.metrics]}")
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        # A list: JSON files are written with sorted keys, and the views' order is the tables'.
+        data["views"] = [{"name": name, **asdict(view)} for name, view in self.views.items()]
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ReportSpec:
         return cls(
             about=list(data["about"]),
-            views={name: ViewSpec(**view) for name, view in data["views"].items()},
+            views=_views(data["views"]),
             metrics=[MetricSpec(**spec) for spec in data["metrics"]],
             curves=[MetricSpec(**spec) for spec in data["curves"]],
             notes=list(data.get("notes", [])),
             num_contexts=int(data.get("num_contexts", 1)),
             context_names=list(data.get("context_names", [])),
-            run_images=list(data.get("run_images", [])),
+            run_images=_captions(data.get("run_images", {})),
             curve_figures={
                 name: [MetricSpec(**spec) for spec in panels]
                 for name, panels in data.get("curve_figures", {}).items()
             },
         )
+
+
+def _views(views: Mapping[str, Any] | list[dict[str, str]]) -> dict[str, ViewSpec]:
+    # Results of an earlier version store the views as a mapping (in sorted order).
+    if isinstance(views, Mapping):
+        return {name: ViewSpec(**view) for name, view in views.items()}
+    return {view["name"]: ViewSpec(view["title"], view["description"]) for view in views}
+
+
+def _captions(images: Mapping[str, str] | list[str]) -> dict[str, str]:
+    # Results of an earlier version list the file names alone.
+    return dict(images) if isinstance(images, Mapping) else dict.fromkeys(images, "")
 
 
 @dataclass(frozen=True)

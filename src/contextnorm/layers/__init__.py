@@ -11,10 +11,13 @@
 | SwitchNorm   | ``SwitchNorm``         | SwitchNorm (Luo et al.)                                 |
 """
 
+from .assignment import CheckedContext, check_context
 from .baselines import ModeNorm, SwitchNorm
 from .context import ContextNorm, ContextNormE, ContextNormX
 from .mixture import AdaptiveContextNorm, MixtureNorm
-from .routing import ContextualModel, convert, use_context, uses_context
+from .routing import ContextualModel, checkpoint, convert, use_context, uses_context
+from .surgery import extract_context, recalibrate
+from .sync import SyncBatchNorm, convert_sync, revert_sync
 
 __all__ = [
     "ContextNorm",
@@ -28,4 +31,12 @@ __all__ = [
     "convert",
     "use_context",
     "uses_context",
+    "checkpoint",
+    "check_context",
+    "CheckedContext",
+    "convert_sync",
+    "revert_sync",
+    "SyncBatchNorm",
+    "extract_context",
+    "recalibrate",
 ]

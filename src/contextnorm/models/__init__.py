@@ -5,9 +5,13 @@
   2024b, Tables I-IV).
 * :class:`VisionTransformer`: the Keras example ViT (Faye et al. 2024b, Table V; 2024c, Table 1).
 * :class:`WideResNet`: the WRN-28-2 of AdaMatch (Faye et al. 2024b, Table VI).
-* :func:`build_model` / :data:`MODELS`: the same by name, for configs.
+* :class:`DCGANGenerator`, :class:`DCGANDiscriminator`: the DCGAN of the image-generation
+  experiment (Faye et al. 2024a, 2024b, §IV-D).
+* :func:`build_model` / :data:`MODELS`, :func:`build_generator` / :data:`GENERATORS`: the same
+  by name, for configs.
 """
 
+from .dcgan import DCGANDiscriminator, DCGANGenerator
 from .densenet import DenseNet, densenet40, densenet100
 from .placement import (
     PLACEMENT_MODES,
@@ -17,14 +21,17 @@ from .placement import (
     Placement,
     PlacementSpec,
 )
-from .registry import MODELS, build_model
+from .registry import GENERATORS, MODELS, build_generator, build_model
 from .shallow_cnn import ShallowCNN
 from .vit import VisionTransformer
 from .wide_resnet import WideResNet
 
 __all__ = [
+    "GENERATORS",
     "MODELS",
     "PLACEMENT_MODES",
+    "DCGANDiscriminator",
+    "DCGANGenerator",
     "DenseNet",
     "NormFactory",
     "NormSiteModel",
@@ -34,6 +41,7 @@ __all__ = [
     "ShallowCNN",
     "VisionTransformer",
     "WideResNet",
+    "build_generator",
     "build_model",
     "densenet100",
     "densenet40",

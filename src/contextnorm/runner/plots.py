@@ -11,6 +11,7 @@ baseline beside them.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.image import imread
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
@@ -30,6 +32,8 @@ DPI = 110
 HISTOGRAM_BINS = 80
 MAX_PROJECTED_POINTS = 2000
 COMPONENT_STYLES = ("--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)))
+# Characters per line of a panel title (a metric's title may name its protocol at length).
+TITLE_WIDTH = 48
 
 
 def _figure(num_panels: int, columns: int = 3) -> tuple[Figure, list[Axes]]:
@@ -68,12 +72,13 @@ def plot_curves(
     Args:
         histories: method -> one per-epoch history per seed.
         panels: one panel per metric, keyed as in the epoch records; bands are clipped to each
-            metric's range, and the y axis starts at its lower end when it has one.
+            metric's range, and the axis starts at the metric's lower bound when it has one.
         path: the PNG file to write.
         diverged: method -> how many of its runs diverged (said in the legend).
 
-    An epoch that only some seeds reached (early stopping, divergence) is averaged over those;
-    values that are not finite are left out.
+    An epoch that only some seeds reached (early stopping, divergence), or that some seeds
+    measured, is averaged over those; values that are not finite are left out. Epochs that
+    measured a metric at all are its points (a GAN's FID every few epochs).
     """
     diverged = diverged or {}
     figure, axes = _figure(len(panels), columns=2)
@@ -96,7 +101,7 @@ def plot_curves(
             high = np.array([spec.clip(value) for value in mean + spread])
             axis.plot(epochs, mean, dashes[method], marker="o", markersize=3, color=colours[method])
             axis.fill_between(epochs, low, high, color=colours[method], alpha=0.2)
-        axis.set_title(spec.title)
+        axis.set_title(textwrap.fill(spec.title, TITLE_WIDTH), fontsize="medium")
         axis.set_xlabel("epoch")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         if spec.lower is not None:
@@ -199,7 +204,7 @@ def plot_metric_summary(
                 )
     counts = [summary.count for method in methods for summary in summaries[method].values()]
     axes[0].set_yticks(rows, methods)
-    axes[0].set_xlabel(f"test {metric.title}{unit}")
+    axes[0].set_xlabel(textwrap.fill(f"test {metric.title}{unit}", TITLE_WIDTH))
     axes[0].set_title(f"mean ± sample std ({_seed_counts(counts)})", fontsize="medium")
     lower = None if metric.lower is None else metric.lower * scale
     upper = None if metric.upper is None else metric.upper * scale
@@ -211,7 +216,9 @@ def plot_metric_summary(
         figure.legend(handles, labels, loc="outside lower center", fontsize="small")
     if columns == 2:
         axes[1].axvline(0.0, color="0.3", linewidth=1)
-        axes[1].set_xlabel(f"{metric.title}{unit} minus {baseline}'s, paired by seed")
+        axes[1].set_xlabel(
+            textwrap.fill(f"{metric.title}{unit} minus {baseline}'s, paired by seed", TITLE_WIDTH)
+        )
         axes[1].set_title(
             "95 % t interval over seeds (filled: excludes 0)",
             fontsize="medium",
@@ -373,8 +380,13 @@ def plot_feature_projection(
                 alpha=0.7,
                 label=_context_name(int(context), context_names),
             )
-    if axes:
-        axes[0].legend(fontsize="x-small", markerscale=2)
+    # A legend wherever the contexts differ from the first panel's (methods with their own).
+    shown: set[str] = set()
+    for axis in axes:
+        labels = tuple(axis.get_legend_handles_labels()[1])
+        if labels and str(labels) not in shown:
+            axis.legend(fontsize="x-small", markerscale=2)
+            shown.add(str(labels))
     return _save(figure, path)
 
 
@@ -390,3 +402,25 @@ def _project(features: np.ndarray, method: str, seed: int) -> np.ndarray:
         return PCA(2, random_state=seed).fit_transform(features)
     perplexity = min(30.0, (len(features) - 1) / 3)
     return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features)
+
+
+def plot_run_images(
+    images: Mapping[str, tuple[int, Path]], path: str | Path, title: str = ""
+) -> Path:
+    """One panel per method showing an image file one of its runs wrote (e.g. sample grids).
+
+    Args:
+        images: method -> (the run's seed, the PNG file).
+        path: the PNG file to write.
+        title: what the images show.
+    """
+    figure, axes = _figure(len(images))
+    for (method, (seed, image)), axis in zip(images.items(), axes, strict=True):
+        pixels = imread(image)
+        axis.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None, interpolation="nearest")
+        axis.set_title(f"{method} (seed {seed})", fontsize="medium")
+        axis.set_xticks([])
+        axis.set_yticks([])
+    if title:
+        figure.suptitle(textwrap.fill(title, TITLE_WIDTH * min(3, len(images))), fontsize="medium")
+    return _save(figure, path)

@@ -212,13 +212,15 @@ def render_csv(results: ExperimentResults) -> str:
 
 
 def draw_figures(results: ExperimentResults) -> list[Path]:
-    """Curves, the headline metric with differences, activation figures, the runs' images."""
+    """Curves, the headline metric with differences, activation figures, and a figure per run
+    image of the task (``ReportSpec.run_images``) with a panel per method, from its first seed."""
     # matplotlib loads in a fraction of a second but is not needed for tables.
     from contextnorm.runner.plots import (
         plot_activation_histograms,
         plot_curves,
         plot_feature_projection,
         plot_metric_summary,
+        plot_run_images,
     )
 
     present = results.present()
@@ -273,11 +275,15 @@ def draw_figures(results: ExperimentResults) -> list[Path]:
                     samples, spec.context_names, folder / "features_tsne.png", method="tsne"
                 )
             )
-    for name in spec.run_images:
+    for name, caption in spec.run_images.items():
+        images = {}
         for method in finished:
-            image = run_directory(folder, method.label, method.finished()[0].seed) / name
+            seed = method.finished()[0].seed
+            image = run_directory(folder, method.label, seed) / name
             if image.is_file():
-                written.append(image)
+                images[method.label] = (seed, image)
+        if images:
+            written.append(plot_run_images(images, folder / name, caption))
     return written
 
 

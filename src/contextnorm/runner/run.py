@@ -136,14 +136,10 @@ def run_single(task: Task, index: int, seed: int, progress: Progress) -> RunOutc
             run_dir,
             seed=seed,
             selection=task.selection,
-            # The task's callbacks first: what they log at an epoch's end joins its record.
-            callbacks=[
-                *task.callbacks(index),
-                history,
-                interrupts,
-                *progress.callbacks(title, shown),
-            ],
+            history=history,
+            callbacks=[*task.callbacks(index), interrupts, *progress.callbacks(title, shown)],
             progress_bar=progress.mode == "bar",
+            partial_losses=not module.automatic_optimization,
         )
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)

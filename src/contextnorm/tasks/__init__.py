@@ -15,7 +15,7 @@ from contextnorm.tasks.base import TASKS, NoOptions, Probe, Selection, Task, bui
 from contextnorm.tasks.module import NOT_GIVEN, TaskModule, run_with_contexts
 
 # Importing a task's module registers it.
-from contextnorm.tasks import adaptation, classification  # noqa: E402, F401  (isort: skip)
+from contextnorm.tasks import adaptation, classification, generation  # noqa: E402, F401  (isort: skip)
 
 __all__ = [
     "NOT_GIVEN",

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassF1Score,
@@ -168,6 +168,11 @@ class ClassificationModule(TaskModule):
         self.test_metrics = nn.ModuleDict(
             {view: metrics(f"test/{view}/") for view in self.test_views}
         )
+        # Evaluation losses as metrics: weighted by the samples of every process, exact when
+        # the processes evaluate shards of different sizes.
+        self.val_loss = MeanMetric()
+        self.val_view_losses = nn.ModuleDict({view: MeanMetric() for view in self.val_views})
+        self.test_losses = nn.ModuleDict({view: MeanMetric() for view in self.test_views})
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         images, *rest = batch
@@ -203,27 +208,30 @@ class ClassificationModule(TaskModule):
 
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         if dataloader_idx == 0:
-            self._evaluate(batch, "val/", self.val_metrics)
+            self._evaluate(batch, "val/", self.val_metrics, self.val_loss)
         else:
             view = self.val_views[dataloader_idx - 1]
-            self._evaluate(batch, f"val/{view}/", self.val_view_metrics[view])
+            self._evaluate(
+                batch, f"val/{view}/", self.val_view_metrics[view], self.val_view_losses[view]
+            )
 
     def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         view = self.test_views[dataloader_idx]
-        self._evaluate(batch, f"test/{view}/", self.test_metrics[view])
+        self._evaluate(batch, f"test/{view}/", self.test_metrics[view], self.test_losses[view])
 
-    def _evaluate(self, batch: Batch, prefix: str, metrics: MetricCollection) -> None:
-        """Log the loss and ``metrics`` of one evaluation batch under ``prefix``."""
+    def _evaluate(
+        self, batch: Batch, prefix: str, metrics: MetricCollection, loss: MeanMetric
+    ) -> None:
+        """Log the loss and ``metrics`` of one evaluation batch under ``prefix``.
+
+        The loss is a metric, weighted by the samples of every process: exact when the
+        processes evaluate shards of different sizes.
+        """
         images, labels, contexts = batch
         logits = self(images, contexts)
         metrics(logits, labels)
-        self.log(
-            f"{prefix}loss",
-            F.cross_entropy(logits, labels),
-            batch_size=len(labels),
-            add_dataloader_idx=False,
-            sync_dist=True,
-        )
+        loss(F.cross_entropy(logits, labels), weight=len(labels))
+        self.log(f"{prefix}loss", loss, batch_size=len(labels), add_dataloader_idx=False)
         self.log_dict(metrics, batch_size=len(labels), add_dataloader_idx=False)
 
 

@@ -1,4 +1,4 @@
-"""A method's norm inside a registered model: how every task builds the network under test."""
+"""A method's norm inside a registered model or generator: how tasks build networks under test."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from contextnorm.config import ConfigError, ExperimentConfig, MethodConfig
 from contextnorm.methods import METHODS, NormMethod
-from contextnorm.models import build_model
+from contextnorm.models import build_generator, build_model
 from contextnorm.registry import UnknownNameError
 
 
@@ -80,6 +80,56 @@ def build_network(
         ConfigError: an unknown method or option, a model option the model does not take, or a
             placement that puts no tested norm into the model.
     """
+    return _build_with_norms(
+        config,
+        index,
+        num_contexts,
+        lambda **norms: build_model(
+            config.model.name,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            image_size=image_size,
+            **norms,
+            **model_arguments,
+            **config.model.options,
+        ),
+    )
+
+
+def build_generator_network(
+    config: ExperimentConfig,
+    index: int,
+    *,
+    num_contexts: int,
+    out_channels: int,
+    image_size: int,
+) -> Network:
+    """The generator of ``config.model`` (a name in ``GENERATORS``) with the method's norm.
+
+    Raises:
+        ConfigError: as :func:`build_network`, for a generator.
+    """
+    return _build_with_norms(
+        config,
+        index,
+        num_contexts,
+        lambda **norms: build_generator(
+            config.model.name,
+            out_channels=out_channels,
+            image_size=image_size,
+            **norms,
+            **config.model.options,
+        ),
+    )
+
+
+def _build_with_norms(
+    config: ExperimentConfig,
+    index: int,
+    num_contexts: int,
+    build: Callable[..., nn.Module],
+) -> Network:
+    """``build(norm_layer=..., placement=..., base_norm_layer=...)`` with the method's norm."""
     where = method_location(config, index)
     recorder = LayerRecorder(norm_factory(config, index, num_contexts))
     model_config = config.model
@@ -88,17 +138,11 @@ def build_network(
         base_method = get_method(model_config.base_norm, "model.base_norm")
         base_norm = base_method.norm_factory(num_contexts, {}, where="model.base_norm")
     try:
-        model = build_model(
-            model_config.name,
-            num_classes=num_classes,
-            in_channels=in_channels,
-            image_size=image_size,
-            norm_layer=recorder,
-            placement=model_config.placement,
-            base_norm_layer=base_norm,
-            **model_arguments,
-            **model_config.options,
+        model = build(
+            norm_layer=recorder, placement=model_config.placement, base_norm_layer=base_norm
         )
+    except UnknownNameError as error:
+        raise ConfigError(f"model.name: {error}") from None
     except (TypeError, ValueError) as error:
         raise ConfigError(f"model ({model_config.name}) for {where}: {error}") from error
     if not recorder.layers:
