@@ -371,7 +371,7 @@ def test_mixnorm_names_divergence() -> None:
 
 def test_mixnorm_normalises_each_component() -> None:
     torch.manual_seed(0)
-    layer = cn.MixtureNorm(2, 2, affine=False, max_positions=4096)
+    layer = cn.MixtureNorm(2, 2, affine=False, max_positions=4096, prior_scaling=True)
     points = torch.cat([torch.randn(300, 2) - 8, torch.randn(300, 2) * 2 + 8])
     y = layer(points)
     first, second = y[:300] * 0.5**0.5, y[300:] * 0.5**0.5  # undo 1/sqrt(lambda) with lambda = 1/2

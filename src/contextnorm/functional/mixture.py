@@ -236,7 +236,7 @@ class _BatchMixtureNorm(torch.autograd.Function):
         bias: Tensor | None,
         eps: float,
         posterior_grad: bool,
-        var_floor: Tensor | None,
+        floor_ratio: float,
     ) -> tuple[Tensor, ...]:
         inner = channels_inner(x)
         centred = _dense(x - reference.view(1, -1, 1), inner)
@@ -244,10 +244,14 @@ class _BatchMixtureNorm(torch.autograd.Function):
         log_tau = torch.log_softmax(log_joint(centred, squares, alpha, beta, gamma), dim=1)
         tau = log_tau.exp()
         mean, var, mass = _moments(tau, centred, squares)
-        floored = None
-        if var_floor is not None:
-            floored = var < var_floor
-            var = torch.where(floored, var_floor, var)
+        floored = total_mean = None
+        if floor_ratio > 0:
+            # The batch's variance per channel, from the components' moments: no extra pass.
+            share = (mass / mass.sum()).unsqueeze(1)
+            total_mean = (share * mean).sum(0)
+            floor = floor_ratio * ((share * (var + mean * mean)).sum(0) - total_mean * total_mean)
+            floored = var < floor
+            var = torch.where(floored, floor, var)
         batch_gain = gain is None
         if batch_gain:
             gain = (mass / mass.sum()).clamp_min(torch.finfo(mass.dtype).tiny).rsqrt()
@@ -259,16 +263,19 @@ class _BatchMixtureNorm(torch.autograd.Function):
         stats = MixtureStats(
             mean + reference, var, mass, (tau * tau).sum((0, 2)), -(tau * log_tau).sum()
         )
-        ctx.save_for_backward(centred, tau, alpha, beta, gain, weight, mean, var, scale, shift, inv_std, mass, floored)
-        ctx.flags = (inner, batch_gain, posterior_grad)
+        ctx.save_for_backward(
+            centred, tau, alpha, beta, gain, weight, mean, var, scale, shift, inv_std, mass, floored, total_mean
+        )
+        ctx.flags = (inner, batch_gain, posterior_grad, floor_ratio)
         ctx.mark_non_differentiable(*stats)
         return (out, *stats)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        centred, tau, alpha, beta, gain, weight, mean, var, scale, shift, inv_std, mass, floored = ctx.saved_tensors
-        inner, batch_gain, posterior_grad = ctx.flags
+        (centred, tau, alpha, beta, gain, weight, mean, var, scale, shift, inv_std, mass, floored,
+         total_mean) = ctx.saved_tensors
+        inner, batch_gain, posterior_grad, floor_ratio = ctx.flags
         needs = ctx.needs_input_grad
         grad = _dense(grad, inner)
         work = grad * centred
@@ -281,7 +288,9 @@ class _BatchMixtureNorm(torch.autograd.Function):
         grad_scale = grad_scale - mean * grad_shift
         grad_mean = -scale * grad_shift
         grad_var = -0.5 * grad_scale * scale * inv_std * inv_std
+        grad_floor = None
         if floored is not None:
+            grad_floor = floor_ratio * (grad_var * floored).sum(0)
             grad_var = grad_var.masked_fill(floored, 0.0)
         per_gain = (grad_scale * inv_std if weight is None else grad_scale * inv_std * weight).sum(1)
         grad_gain = per_gain if needs[5] and not batch_gain else None
@@ -291,6 +300,11 @@ class _BatchMixtureNorm(torch.autograd.Function):
         safe = mass.clamp_min(torch.finfo(mass.dtype).tiny).unsqueeze(1)
         grad_first = (grad_mean - 2.0 * mean * grad_var) / safe
         grad_second = grad_var / safe
+        if grad_floor is not None:
+            # floor = ratio * (sum_k E2_k / P - (sum_k E1_k / P)^2), P = sum_k M_k.
+            positions = mass.sum()
+            grad_first = grad_first - 2.0 * total_mean * grad_floor / positions
+            grad_second = grad_second + grad_floor / positions
         slope, offset, weights = 2.0 * grad_second, grad_first, tau
         grad_alpha = grad_beta = grad_gamma = None
         if posterior_grad:
@@ -333,7 +347,7 @@ def batch_mixture_norm(
     bias: Tensor | None = None,
     posterior_grad: bool = True,
     reference: Tensor | None = None,
-    var_floor: Tensor | None = None,
+    variance_floor: float = 0.0,
 ) -> tuple[Tensor, MixtureStats]:
     """The training transform of ACN and MixNorm (004 Eq. 5-9; 002 Eq. 19-21) on a positions view.
 
@@ -350,14 +364,15 @@ def batch_mixture_norm(
         posterior_grad: differentiate through the posterior (ACN) or treat it as a constant
             (MixNorm, whose posterior comes from EM).
         reference: (C,) the centre of ``x'``; the detached batch mean when omitted.
-        var_floor: (C,) or (K, C), a lower bound on ``v_k``, held constant (no gradient).
+        variance_floor: ``v_k`` is kept at or above this fraction of the batch's variance in
+            its channel (0: no floor); the floor is differentiated as a function of the batch.
 
     Returns ``y`` (B, C, L) and the :class:`MixtureStats` of the batch.
     """
     if reference is None:
         reference = x.detach().mean((0, 2))
     out, *stats = _BatchMixtureNorm.apply(
-        x, reference, alpha, beta, gamma, gain, weight, bias, eps, posterior_grad, var_floor
+        x, reference, alpha, beta, gamma, gain, weight, bias, eps, posterior_grad, float(variance_floor)
     )
     return out, MixtureStats(*stats)
 

@@ -1,17 +1,28 @@
 """Unsupervised mixture layers: ACN (learned mixture) and the MixNorm baseline (EM per batch).
 
-Both model the channel vector of each position as a draw from a K-component diagonal
-Gaussian mixture and, in training, normalise with the posterior-weighted transform of
-004 Eq. 5-9 (= 002 Eq. 19-21, :func:`contextnorm.functional.batch_mixture_norm`):
+Both model the channel vector ``x_i`` of each position as a draw from a K-component diagonal
+Gaussian mixture ``{lambda_k, m_k, Sigma_k}`` and, in training, normalise with the
+posterior-weighted transform ([CBN] Eq. 5-9, [PKN] Eq. 17-21;
+:func:`contextnorm.functional.batch_mixture_norm`):
 
 ``tau_k(x_i) = lambda_k N(x_i | m_k, Sigma_k) / sum_j lambda_j N(x_i | m_j, Sigma_j)``,
-``mu_k = sum_i tau_k(x_i) x_i / sum_i tau_k(x_i)``, ``v_k`` likewise around ``mu_k``,
-``y_i = gamma * sum_k tau_k(x_i) / sqrt(lambda_k) * (x_i - mu_k) / sqrt(v_k + eps) + beta``.
+``mu_k = sum_i tau_k(x_i) x_i / sum_i tau_k(x_i)``, ``v_k`` the same weighted mean of
+``(x_i - mu_k)^2``, and
+``y_i = weight * sum_k tau_k(x_i) g_k (x_i - mu_k) / sqrt(v_k + eps) + bias``
+with ``g_k = 1/sqrt(lambda_k)`` when ``prior_scaling`` is on, 1 otherwise.
 
-They differ in where the mixture ``{lambda_k, m_k, Sigma_k}`` comes from: ACN learns it (by
-gradient, or by an online-EM momentum update), MixNorm fits it to every training batch by EM.
-In eval mode both normalise with running estimates of the ``mu_k, v_k`` that training used,
-as BatchNorm does, so that inference computes what training computed.
+They differ in where the mixture comes from: ACN learns it (by gradient, or by an online-EM
+momentum update), MixNorm fits it to every training batch by EM. In eval mode both
+normalise with running estimates of the ``mu_k, v_k`` (and weights) that training used, as
+BatchNorm does, so that inference computes what training computed.
+
+References:
+    [CBN] B. Faye, H. Azzag, M. Lebbah. Cluster-Based Normalization Layer for Neural Networks.
+        arXiv:2403.16798v2, 2024. Its UCB-Norm is ACN here.
+    [PKN] B. Faye, H. Azzag, M. Lebbah, D. Bouchaffra. Enhancing Neural Network Representations
+        with Prior Knowledge-Based Normalization. arXiv:2403.16798v3, 2024.
+    [MN] M. M. Kalayeh, M. Shah. Training Faster by Separating Modes of Variation in
+        Batch-normalized Models. arXiv:1806.02892, 2018 (IEEE TPAMI 42(6), 2019).
 """
 
 from __future__ import annotations
@@ -95,12 +106,18 @@ class _PositionMixture(NormBase):
         eps: float,
         momentum: float | None,
         affine: bool,
+        variance_floor: float,
         prior_scaling: bool,
         channel_last: bool,
     ) -> None:
         super().__init__(num_features, eps, affine, channel_last)
         self.num_contexts = num_contexts
         self.momentum = check_momentum(momentum, allow_none=True)
+        if isinstance(variance_floor, bool) or not isinstance(variance_floor, (int, float)) or not 0 <= variance_floor < 1:
+            raise ValueError(
+                f"variance_floor must be a fraction of the batch's variance in [0, 1), got {variance_floor!r}"
+            )
+        self.variance_floor = float(variance_floor)
         self.prior_scaling = bool(prior_scaling)
         self._init_affine((num_features,))
 
@@ -191,8 +208,9 @@ class _PositionMixture(NormBase):
 
     def extra_repr(self) -> str:
         parts = [f"{self.num_features}", f"num_contexts={self.num_contexts}", f"eps={self.eps}",
-                 f"momentum={self.momentum}", *self._extra_repr_parts(), f"affine={self.affine}",
-                 f"track_running_stats={self.track_running_stats}", f"prior_scaling={self.prior_scaling}"]
+                 f"momentum={self.momentum}", *self._extra_repr_parts(), f"variance_floor={self.variance_floor}",
+                 f"affine={self.affine}", f"track_running_stats={self.track_running_stats}",
+                 f"prior_scaling={self.prior_scaling}"]
         if self.channel_last:
             parts.append("channel_last=True")
         return ", ".join(parts)
@@ -213,13 +231,14 @@ def _unbiased(stats: F.MixtureStats) -> Tensor:
 
 
 class AdaptiveContextNorm(_PositionMixture):
-    r"""Adaptive Context Normalization (ACN; UCB-Norm in 004): a learned Gaussian mixture, no context ids.
+    r"""Adaptive Context Normalization (ACN; UCB-Norm of [CBN]): a learned Gaussian mixture, no context ids.
 
     Each position's channel vector ``x_i`` gets a posterior ``tau_k(x_i)`` under the mixture
-    ``{lambda_k, m_k, diag(Sigma_k)}`` (004 Eq. 5-6, multivariate over channels, computed in
-    log space). Training normalises with the posterior-weighted batch statistics
-    (004 Eq. 7-9 = 002 Eq. 19-21):
-    ``y_i = weight * sum_k tau_k(x_i) / sqrt(lambda_k) * (x_i - mu_k) / sqrt(v_k + eps) + bias``.
+    ``{lambda_k, m_k, diag(Sigma_k + eps)}``, multivariate over the channels ([CBN] Eq. 5-6),
+    computed in log space. Training normalises with the posterior-weighted batch statistics
+    ([CBN] Eq. 7-9, [PKN] Eq. 19-21):
+    ``y_i = weight * sum_k tau_k(x_i) g_k (x_i - mu_k) / sqrt(v_k + eps) + bias``, ``v_k``
+    floored at ``variance_floor`` times the batch's variance in the same channel.
 
     Args:
         num_features: channels ``C``.
@@ -227,32 +246,43 @@ class AdaptiveContextNorm(_PositionMixture):
             with a ``FutureWarning``).
         eps, momentum, affine, track_running_stats: as in BatchNorm (``momentum=None``: a
             cumulative average). The affine is shared by the components.
-        update: how the mixture is learned (004 Alg. 2). ``"momentum"`` (online EM): the
-            mixture *is* the running estimates (``running_prior``, ``running_mean``,
-            ``running_var``), updated after each training batch as
-            ``lambda <- (1 - momentum) lambda + momentum mean_i(tau)`` and likewise the
-            weighted batch means and variances (PyTorch's momentum convention: the weight of
-            the new value; see below for the per-component rate). ``"gradient"``: ``lambda,
-            m_k, Sigma_k`` are parameters trained by backpropagation (through the posterior
-            only), and running estimates of the weighted batch statistics are kept beside them.
+        update: how the mixture is learned ([CBN] Alg. 2). ``"momentum"`` (default; online
+            EM): the mixture *is* the running estimates (``running_prior``, ``running_mean``,
+            ``running_var``), which follow each training batch's share of posterior mass
+            ``mean_i tau_k(x_i)``, weighted means and (unbiased) weighted variances at rate
+            ``momentum`` (PyTorch's convention: the weight of the new value). ``"gradient"``:
+            ``lambda, m_k, Sigma_k`` are parameters trained by backpropagation (reached through
+            the posterior only), and the same running estimates are kept beside them.
         inference: what eval mode normalises with, in gradient mode. ``"running"`` (default):
             the running estimates of ``mu_k, v_k``, i.e. what training normalised with, as in
-            BatchNorm (the posterior still comes from the learned mixture, as in training).
-            ``"mixture"``: the learned ``m_k, Sigma_k`` themselves (004 Eq. 15, the papers'
-            inference), which gradient training never pulls towards the batch statistics, so
-            eval output departs from training output. In momentum mode the two coincide.
-            With ``track_running_stats=False``, ``"running"`` uses the eval batch's own
-            weighted statistics.
-        prior_scaling: the ``1/sqrt(lambda_k)`` gain of 004 Eq. 7 (the papers' default).
+            BatchNorm; the posterior and the gain still come from the learned mixture, as in
+            training. ``"mixture"``: the learned ``m_k, Sigma_k`` themselves ([CBN] Eq. 15, the
+            papers' inference), which gradient training never pulls towards the batch
+            statistics, so eval output departs from training output (measured: the demo's
+            test accuracy falls to chance). In momentum mode the two coincide. With
+            ``track_running_stats=False``, ``"running"`` uses the eval batch's own statistics.
+        variance_floor: each ``v_k`` is kept at or above this fraction of the batch's
+            variance in its channel. A component that concentrates on a few positions gets a
+            near-zero variance in some channel and amplifies, by ``1/sqrt(v_k + eps)``, every
+            position it keeps some weight on; in DenseNet-40 with every norm replaced, some
+            component's variance reached 1e-8 of its channel's without the floor.
+        prior_scaling: the ``g_k = 1/sqrt(lambda_k)`` gain of [CBN] Eq. 7. Off by default:
+            measured in DenseNet-40 with every norm replaced (4 epochs, lr 0.1), it amplifies
+            the positions of rarely used components (x10 at ``lambda_k = 0.01``), the network
+            starves those components (1.6 of 4 in use per layer against 3.7 without it), and
+            the training loss ends at 2.13 against 1.80 without it (BatchNorm 1.73); in the
+            shallow demo network it changes nothing measurable.
         channel_last: the input is (N, *, C), e.g. tokens (N, L, C).
         device, dtype: where and in which dtype parameters and buffers are created.
 
     The component means start at random (torch's generator) around zero, one unit apart,
     since identical components would get identical posteriors and updates and never separate.
+    A component with fewer than two effective positions in a batch keeps its running
+    estimates for that batch.
 
-    Diagnostics (buffers, updated in training): ``running_prior`` is the share of the
-    posterior mass each component received; ``running_entropy`` the mean posterior entropy
-    per position; see :mod:`contextnorm.layers.diagnostics`.
+    Diagnostics (buffers, updated in training): ``running_prior``, the share of the posterior
+    mass each component received; ``running_entropy``, the mean posterior entropy per
+    position; see :mod:`contextnorm.layers.diagnostics`.
     """
 
     def __init__(
@@ -265,7 +295,8 @@ class AdaptiveContextNorm(_PositionMixture):
         track_running_stats: bool = True,
         update: str = "momentum",
         inference: str = "running",
-        prior_scaling: bool = True,
+        variance_floor: float = 1e-2,
+        prior_scaling: bool = False,
         channel_last: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -273,7 +304,7 @@ class AdaptiveContextNorm(_PositionMixture):
         num_components: int | None = None,
     ) -> None:
         count = _renamed_count("num_contexts", num_contexts, "num_components", num_components)
-        super().__init__(num_features, count, eps, momentum, affine, prior_scaling, channel_last)
+        super().__init__(num_features, count, eps, momentum, affine, variance_floor, prior_scaling, channel_last)
         if update not in _UPDATE_MODES:
             raise ValueError(f"update must be one of {_UPDATE_MODES}, got {update!r}")
         if inference not in _INFERENCE_MODES:
@@ -355,7 +386,9 @@ class AdaptiveContextNorm(_PositionMixture):
         if eval_statistics is None:
             reference = view.detach().mean((0, 2))
             coefficients = F.log_joint_coefficients(log_prior, mean, var, reference)
-            out, stats = F.batch_mixture_norm(view, *coefficients, self.eps, gain, weight, bias, reference=reference)
+            out, stats = F.batch_mixture_norm(
+                view, *coefficients, self.eps, gain, weight, bias, reference=reference, variance_floor=self.variance_floor
+            )
             if self.training and self.track_running_stats:
                 self._update_running(stats, view.shape[0] * view.shape[2])
             return out
@@ -383,32 +416,44 @@ class AdaptiveContextNorm(_PositionMixture):
 
 
 class MixtureNorm(_PositionMixture):
-    r"""Mixture Normalization (MixNorm; Kalayeh & Shah), the baseline the papers compare against.
+    r"""Mixture Normalization (MixNorm of [MN]), the baseline the papers compare against.
 
     Every training batch, a K-component diagonal GMM is fitted to the positions' channel
-    vectors by ``em_steps`` EM iterations (002 Eq. 17-18) on at most ``max_positions``
-    positions drawn at random; the positions are then normalised with the posterior-weighted
-    batch statistics under that fit (002 Eq. 19-21): ``y_i = weight * sum_k tau_k(x_i) /
-    sqrt(lambda_k) * (x_i - mu_k) / sqrt(v_k + eps) + bias``, with ``lambda_k`` the batch's
-    share of posterior mass. The posterior is treated as a constant: gradients flow through
+    vectors by ``em_steps`` EM iterations ([PKN] Eq. 17-18) on at most ``max_positions``
+    positions drawn at random; all positions are then normalised with the posterior-weighted
+    batch statistics under that fit ([PKN] Eq. 19-21, [CBN] Eq. 7-9):
+    ``y_i = weight * sum_k tau_k(x_i) g_k (x_i - mu_k) / sqrt(v_k + eps) + bias``, with
+    ``g_k = 1/sqrt(lambda_k)`` (``lambda_k`` the batch's share of posterior mass) when
+    ``prior_scaling`` is on. The posterior is treated as a constant: gradients flow through
     the weighted statistics, not through EM. Eval normalises with running estimates of those
-    statistics, under the posterior of the running mixture.
+    statistics and weights, under the posterior of the running mixture.
 
-    Where EM starts (``seeding``): ``"running"`` (default) starts every batch's EM from the
-    running mixture, k-means++ only on the first batch; the components then keep their
-    identity from batch to batch, and the training posterior is a few EM steps away from the
-    one eval uses. ``"kmeans++"`` seeds every batch afresh by k-means++ (as in Kalayeh & Shah)
-    and pairs the fitted components with the running ones by their means; measured on a
-    stationary stream, 3 EM steps from fresh seeds often end in a different local optimum
-    (two components on one cluster), which then leaks into the running estimates.
-
-    ``variance_floor``: the fitted variances and the ``v_k`` that normalise are kept at or above
-    this fraction of the batch's variance in each channel (held constant in the gradient). A
-    component that collapses onto a few positions otherwise gets a near-zero variance in some
-    channel, and every position it keeps some posterior weight on is amplified by
-    ``1/sqrt(v + eps)``; stacked in a deep net this overflows.
+    Args:
+        num_features, num_contexts, eps, momentum, affine, track_running_stats, channel_last,
+            device, dtype: as in :class:`AdaptiveContextNorm` (without running estimates, eval
+            fits a mixture to the eval batch as training does).
+        em_steps, max_positions: EM iterations per batch, and the positions they run on.
+        seeding: where each batch's EM starts. ``"running"`` (default): from the running
+            mixture (k-means++ on the first batch only), so that components keep their
+            identity from batch to batch and the training posterior is a few EM steps away
+            from the one eval uses. ``"kmeans++"``: fresh k-means++ seeds every batch (as in
+            [MN]), the fitted components paired with the running ones by their means.
+            Measured on a stationary 3-component stream, 3 EM steps from fresh seeds often
+            end in another local optimum (two components on one cluster, one across two),
+            and those fits leak into the running estimates: the train/eval gap was 1.1-7.4x
+            BatchNorm's over 5 seeds, against 0.9-1.5x when starting from the running mixture.
+        variance_floor: the fitted variances and the ``v_k`` that normalise are kept at or
+            above this fraction of the batch's variance in their channel. A component that
+            collapses onto a few positions otherwise gets a near-zero variance in some
+            channel and amplifies every position it keeps some weight on by
+            ``1/sqrt(v_k + eps)``; stacked in DenseNet-40 at lr 0.1 this overflowed.
+        prior_scaling: the ``1/sqrt(lambda_k)`` gain of [MN] and [PKN] Eq. 19. Off by default:
+            in DenseNet-40 with every norm replaced it made the first epoch's training loss
+            5.31 against 2.25 without it (BatchNorm 2.19); see :class:`AdaptiveContextNorm`.
 
     Non-finite activations raise a ``FloatingPointError`` saying the network has diverged.
+    Training reads two values on the host per batch (that check, and whether a running
+    mixture exists yet); eval reads none.
     """
 
     def __init__(
@@ -423,7 +468,7 @@ class MixtureNorm(_PositionMixture):
         max_positions: int = 2048,
         seeding: str = "running",
         variance_floor: float = 1e-2,
-        prior_scaling: bool = True,
+        prior_scaling: bool = False,
         channel_last: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -431,15 +476,12 @@ class MixtureNorm(_PositionMixture):
         num_components: int | None = None,
     ) -> None:
         count = _renamed_count("num_contexts", num_contexts, "num_components", num_components)
-        super().__init__(num_features, count, eps, momentum, affine, prior_scaling, channel_last)
+        super().__init__(num_features, count, eps, momentum, affine, variance_floor, prior_scaling, channel_last)
         self.em_steps = check_count("em_steps", em_steps)
         self.max_positions = check_count("max_positions", max_positions)
         if seeding not in ("running", "kmeans++"):
             raise ValueError(f"seeding must be 'running' or 'kmeans++', got {seeding!r}")
-        if not 0.0 <= variance_floor < 1.0:
-            raise ValueError(f"variance_floor must be a fraction of the batch variance in [0, 1), got {variance_floor!r}")
         self.seeding = seeding
-        self.variance_floor = float(variance_floor)
         self._init_running(track_running_stats)
         self.to(device=device, dtype=dtype)
 
@@ -459,25 +501,25 @@ class MixtureNorm(_PositionMixture):
                 view, reference, *coefficients, mean, var, self.eps, self._gain(log_prior), weight, bias
             )
         reference = view.detach().mean((0, 2))
-        log_prior, mean, var, floor = self._fit_batch(view.detach(), reference)
+        log_prior, mean, var = self._fit_batch(view.detach(), reference)
         # The fit is centred on the reference already.
         coefficients = F.log_joint_coefficients(log_prior, mean, var + self.eps, torch.zeros_like(reference))
         gain = None if self.prior_scaling else torch.ones(self.num_contexts, dtype=dtype, device=view.device)
         out, stats = F.batch_mixture_norm(
             view, *coefficients, self.eps, gain, weight, bias, posterior_grad=False, reference=reference,
-            var_floor=floor,
+            variance_floor=self.variance_floor,
         )
         if self.training and self.track_running_stats:
             # The running mixture is where the next batch's EM starts: the first fit replaces it.
             self._update_running(stats, view.shape[0] * view.shape[2], restart=True)
         return out
 
-    def _fit_batch(self, view: Tensor, reference: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """A GMM fitted by EM to the batch, and the variance floor (C,) it was fitted with.
+    def _fit_batch(self, view: Tensor, reference: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(log lambda (K,), mean - reference (K, C), var (K, C))`` of a GMM fitted by EM to the batch.
 
-        Returns ``(log lambda (K,), mean - reference (K, C), var (K, C), floor (C,))``. EM runs
-        on at most ``max_positions`` positions drawn at random, centred on ``reference`` (the
-        batch mean) so that the fit keeps its precision far from zero.
+        EM runs on at most ``max_positions`` positions drawn at random, centred on
+        ``reference`` (the batch mean) so that the fit keeps its precision far from zero, with
+        the variances floored as the normalising ones are.
         """
         points = F.sample_positions(view, self.max_positions) - reference
         if not bool(torch.isfinite(points).all()):
@@ -491,31 +533,24 @@ class MixtureNorm(_PositionMixture):
             running_mean = self.running_mean.to(mean) - reference
             order = F.match_components(mean, running_mean, self.running_var.to(mean) + self.eps)
             log_prior, mean, var = log_prior[order], mean[order], var[order]
-        return log_prior, mean, var, floor
+        return log_prior, mean, var
 
     def _start(self, points: Tensor, reference: Tensor, floor: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Where EM starts: k-means++ seeds with the batch's variance, or the running mixture.
+        """Where EM starts: the running mixture, or k-means++ seeds with the batch's variance.
 
-        The running mixture is used from the second batch on (the choice is a tensor
-        operation, so that no host synchronisation is needed). ``points`` are centred on
-        ``reference``, and so is the start.
+        ``points`` are centred on ``reference``, and so is the start. Reading the batch
+        counter is a host synchronisation, one more beside the finiteness check of training.
         """
         k = self.num_contexts
-        seeds = F.kmeans_plus_plus(points, k)
-        spread = torch.maximum(points.var(0, correction=0), floor).expand(k, -1)
+        if self.seeding == "running" and self.track_running_stats and int(self.num_batches_tracked) > 0:
+            return (
+                self.running_prior.to(points.dtype).clamp_min(_TINY_PRIOR).log(),
+                self.running_mean.to(points.dtype) - reference,
+                torch.maximum(self.running_var.to(points.dtype), floor),
+            )
         uniform = torch.full((k,), -math.log(k), dtype=points.dtype, device=points.device)
-        if self.seeding == "kmeans++" or not self.track_running_stats:
-            return uniform, seeds, spread
-        first = self.num_batches_tracked == 0
-        running_log_prior = self.running_prior.to(points.dtype).clamp_min(_TINY_PRIOR).log()
-        running_mean = self.running_mean.to(points.dtype) - reference
-        running_var = torch.maximum(self.running_var.to(points.dtype), floor)
-        return (
-            torch.where(first, uniform, running_log_prior),
-            torch.where(first, seeds, running_mean),
-            torch.where(first, spread, running_var),
-        )
+        spread = torch.maximum(points.var(0, correction=0), floor).expand(k, -1)
+        return uniform, F.kmeans_plus_plus(points, k), spread
 
     def _extra_repr_parts(self) -> list[str]:
-        return [f"em_steps={self.em_steps}", f"max_positions={self.max_positions}", f"seeding={self.seeding!r}",
-                f"variance_floor={self.variance_floor}"]
+        return [f"em_steps={self.em_steps}", f"max_positions={self.max_positions}", f"seeding={self.seeding!r}"]
