@@ -1,4 +1,4 @@
-"""The mixture layers (ACN, MixNorm): math, gradients, inference, numerics, contracts, diagnostics."""
+"""The mixture layers (ACN, MixNorm): math, gradients, inference, numerics, contracts."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ def make(name: str, **options) -> nn.Module:
     builders = {
         "acn_momentum": lambda: cn.AdaptiveContextNorm(C, K, update="momentum", **options),
         "acn_gradient": lambda: cn.AdaptiveContextNorm(C, K, update="gradient", **options),
-        "acn_eq15": lambda: cn.AdaptiveContextNorm(C, K, update="gradient", inference="mixture", **options),
+        "acn_eq15": lambda: cn.AdaptiveContextNorm(
+            C, K, update="gradient", inference="mixture", **options
+        ),
         "mixnorm": lambda: cn.MixtureNorm(C, K, **options),
     }
     torch.manual_seed(0)
@@ -39,7 +41,13 @@ MIXTURES = ("acn_momentum", "acn_gradient", "acn_eq15", "mixnorm")
 ACNS = ("acn_momentum", "acn_gradient", "acn_eq15")
 
 
-def clustered(n: int = 8, spatial: tuple[int, ...] = (3, 2), dtype=torch.float32, seed: int = 1, spread: float = 3.0):
+def clustered(
+    n: int = 8,
+    spatial: tuple[int, ...] = (3, 2),
+    dtype=torch.float32,
+    seed: int = 1,
+    spread: float = 3.0,
+):
     """Positions drawn from K well-separated clusters, (n, C, *spatial)."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, K, (n, 1, *spatial), generator=generator)
@@ -70,19 +78,25 @@ def gradcheck_fresh(layer: nn.Module, x: torch.Tensor, **options) -> bool:
         return torch.func.functional_call(copy.deepcopy(saved), dict(zip(names, values)), (x,))
 
     settings = {"eps": 1e-6, "atol": 1e-5, "rtol": 1e-3, **options}
-    return torch.autograd.gradcheck(function, (x.detach().clone().requires_grad_(), *parameters), **settings)
+    return torch.autograd.gradcheck(
+        function, (x.detach().clone().requires_grad_(), *parameters), **settings
+    )
 
 
-# --- the transform against a plain reference ---------------------------------------------------------
+# --- the transform against a plain reference ------------------------------------------------------
 
 
-def reference_mixture_norm(x3, log_prior, mean, var, eps, gain, weight, bias, posterior_grad=True, floor=0.0):
-    """004 Eq. 5-9 written out: densities, posterior, weighted moments, one component at a time.
+def reference_mixture_norm(
+    x3, log_prior, mean, var, eps, gain, weight, bias, posterior_grad=True, floor=0.0
+):
+    """The posterior-weighted transform (arXiv:2403.16798 Eq. 5-9), one component at a time.
 
     ``floor``: each ``v_k`` is raised to at least this fraction of the batch's variance.
     """
     points = x3.transpose(1, 2).reshape(-1, x3.shape[1])
-    log_joint = torch.distributions.Normal(mean, var.sqrt()).log_prob(points[:, None, :]).sum(2) + log_prior
+    log_joint = (
+        torch.distributions.Normal(mean, var.sqrt()).log_prob(points[:, None, :]).sum(2) + log_prior
+    )
     tau = torch.softmax(log_joint, 1)
     if not posterior_grad:
         tau = tau.detach()
@@ -112,21 +126,34 @@ def mixture_inputs():
     return [t.requires_grad_() for t in (log_prior, mean, var, gain, weight, bias)]
 
 
-def fused(x3, log_prior, mean, var, gain, weight, bias, posterior_grad=True, batch_gain=False, floor=0.0):
+def fused(
+    x3, log_prior, mean, var, gain, weight, bias, posterior_grad=True, batch_gain=False, floor=0.0
+):
     view = F.positions_view(x3)
     reference = view.detach().mean((0, 2))
     coefficients = F.log_joint_coefficients(log_prior, mean, var, reference)
     out, _ = F.batch_mixture_norm(
-        view, *coefficients, 1e-5, None if batch_gain else gain, weight, bias,
-        posterior_grad=posterior_grad, reference=reference, variance_floor=floor,
+        view,
+        *coefficients,
+        1e-5,
+        None if batch_gain else gain,
+        weight,
+        bias,
+        posterior_grad=posterior_grad,
+        reference=reference,
+        variance_floor=floor,
     )
     return F.from_positions_view(out, x3.shape[0], x3.shape[2])
 
 
 def layout_batch(layout: str) -> torch.Tensor:
-    """(N, C, L) float64 data whose (N, C, L) view is channel-first, dense or channel-last in memory."""
+    """(N, C, L) float64 data laid out channel-first, dense or channel-last in memory."""
     x = in_layout(clustered(4, (6,), torch.float64) + 3.0, layout)
-    return x.unsqueeze(2) if layout == "dense" else (x.transpose(1, 2) if layout == "channel_last" else x)
+    return (
+        x.unsqueeze(2)
+        if layout == "dense"
+        else (x.transpose(1, 2) if layout == "channel_last" else x)
+    )
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -136,14 +163,23 @@ def layout_batch(layout: str) -> torch.Tensor:
 def test_fused_transform_and_its_gradient_equal_the_reference(
     layout: str, posterior_grad: bool, batch_gain: bool, floor: float
 ) -> None:
-    """Floor 0.3 binds for some components and channels (the clusters are 3 apart, of unit spread)."""
+    """Floor 0.3 binds for some components and channels (clusters 3 apart, of unit spread)."""
     x3 = layout_batch(layout)
     inputs = mixture_inputs()
     log_prior, mean, var, gain, weight, bias = inputs
     x1, x2 = x3.detach().clone().requires_grad_(), x3.detach().clone().requires_grad_()
     got = fused(x1, *inputs, posterior_grad=posterior_grad, batch_gain=batch_gain, floor=floor)
     expected = reference_mixture_norm(
-        x2, log_prior, mean, var, 1e-5, None if batch_gain else gain, weight, bias, posterior_grad, floor
+        x2,
+        log_prior,
+        mean,
+        var,
+        1e-5,
+        None if batch_gain else gain,
+        weight,
+        bias,
+        posterior_grad,
+        floor,
     )
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
     upstream = torch.randn_like(expected)
@@ -159,12 +195,16 @@ def test_fused_transform_and_its_gradient_equal_the_reference(
 
 @pytest.mark.parametrize(
     "layout, batch_gain, floor",
-    [(layout, False, 0.0) for layout in LAYOUTS] + [("channel_first", True, 0.0), ("channel_first", False, 0.3)],
+    [(layout, False, 0.0) for layout in LAYOUTS]
+    + [("channel_first", True, 0.0), ("channel_first", False, 0.3)],
 )
 def test_fused_transform_passes_gradcheck(layout: str, batch_gain: bool, floor: float) -> None:
     x3 = layout_batch(layout).requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda *a: fused(*a, batch_gain=batch_gain, floor=floor), (x3[:2], *mixture_inputs()), eps=1e-6, atol=1e-6
+        lambda *a: fused(*a, batch_gain=batch_gain, floor=floor),
+        (x3[:2], *mixture_inputs()),
+        eps=1e-6,
+        atol=1e-6,
     )
 
 
@@ -174,18 +214,22 @@ def test_posterior_in_log_space_matches_direct_densities() -> None:
     mean = torch.randn(K, C, generator=generator, dtype=torch.float64)
     var = torch.rand(K, C, generator=generator, dtype=torch.float64) + 0.5
     direct = torch.stack(
-        [torch.distributions.Normal(mean[k], var[k].sqrt()).log_prob(points).sum(1) for k in range(K)], 1
+        [
+            torch.distributions.Normal(mean[k], var[k].sqrt()).log_prob(points).sum(1)
+            for k in range(K)
+        ],
+        1,
     )
     torch.testing.assert_close(F.diag_gaussian_log_density(points, mean, var), direct)
 
 
-# --- gradients of the layers ---------------------------------------------------------------------------
+# --- gradients of the layers ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ACNS)
 @pytest.mark.parametrize("training", [True, False])
 def test_acn_gradcheck_on_fresh_copies(name: str, training: bool) -> None:
-    """Momentum mode included: a gain taken from the prior after this batch's update would fail here."""
+    """Momentum mode included: a gain read from the prior after the batch's update fails here."""
     layer = make(name, prior_scaling=True).double()
     x = clustered(4, (2, 2), torch.float64)
     layer(x)  # running estimates away from their start
@@ -203,7 +247,9 @@ class _GainAfterUpdate(cn.AdaptiveContextNorm):
             centred = view - reference.view(1, -1, 1)
             coefficients = F.log_joint_coefficients(log_prior, mean, var, reference)
             tau = torch.softmax(F.log_joint(centred, centred * centred, *coefficients), 1)
-            self.updated_prior = torch.lerp(self.running_prior.to(view.dtype), tau.mean((0, 2)), self.momentum)
+            self.updated_prior = torch.lerp(
+                self.running_prior.to(view.dtype), tau.mean((0, 2)), self.momentum
+            )
         return super()._normalize(view)
 
     def _gain(self, log_prior: torch.Tensor) -> torch.Tensor:
@@ -211,7 +257,7 @@ class _GainAfterUpdate(cn.AdaptiveContextNorm):
 
 
 def test_fresh_copy_gradcheck_catches_state_read_after_the_update() -> None:
-    """The check above can fail: the earlier defect (output depends on x through the update) is caught."""
+    """The check above can fail: an output that depends on x through the update is caught."""
     layer = _GainAfterUpdate(C, K, prior_scaling=True).double()
     x = clustered(4, (2, 2), torch.float64)
     layer(x)
@@ -227,7 +273,7 @@ def test_mixnorm_gradcheck_in_eval() -> None:
 
 
 def test_mixnorm_training_gradient_treats_the_posterior_as_a_constant() -> None:
-    """Training output and gradient: the reference with the posterior of the EM fit held constant."""
+    """Output and gradient in training: the reference with the EM fit's posterior held constant."""
     layer = make("mixnorm", prior_scaling=True).double()
     x = clustered(6, (2, 2), torch.float64)
     layer(x)
@@ -240,8 +286,16 @@ def test_mixnorm_training_gradient_treats_the_posterior_as_a_constant() -> None:
     reference = view.mean((0, 2))
     log_prior, mean, var = fit_state._fit_batch(view, reference)
     expected = reference_mixture_norm(
-        x2.reshape(6, C, -1), log_prior, mean + reference, var + layer.eps, layer.eps, None, layer.weight, layer.bias,
-        posterior_grad=False, floor=layer.variance_floor,
+        x2.reshape(6, C, -1),
+        log_prior,
+        mean + reference,
+        var + layer.eps,
+        layer.eps,
+        None,
+        layer.weight,
+        layer.bias,
+        posterior_grad=False,
+        floor=layer.variance_floor,
     ).reshape(x.shape)
     torch.testing.assert_close(y, expected)
     upstream = torch.randn_like(y)
@@ -250,12 +304,12 @@ def test_mixnorm_training_gradient_treats_the_posterior_as_a_constant() -> None:
     )
 
 
-# --- equality with BatchNorm where the math says so ----------------------------------------------------
+# --- equality with BatchNorm where the math says so -----------------------------------------------
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_one_component_acn_in_gradient_mode_is_batchnorm(momentum: float | None) -> None:
-    """K = 1: the posterior is 1, the gain 1, the weighted moments the batch's: BatchNorm, running estimates too."""
+    """K = 1: posterior 1, gain 1, the batch's moments: BatchNorm, running estimates included."""
     torch.manual_seed(0)
     bn = nn.BatchNorm2d(C, momentum=momentum).double()
     layer = cn.AdaptiveContextNorm(C, 1, update="gradient", momentum=momentum, dtype=torch.float64)
@@ -291,7 +345,7 @@ def test_one_component_acn_in_momentum_mode_trains_as_batchnorm() -> None:
     torch.testing.assert_close(layer(x), bn(x), atol=1e-5, rtol=1e-5)
 
 
-# --- inference computes what training computed ------------------------------------------------------
+# --- inference computes what training computed ----------------------------------------------------
 
 
 def stationary_stream(seed: int):
@@ -319,15 +373,19 @@ GAP_LAYERS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def train_eval_gap_after_training(name: str, seed: int, steps: int = 200) -> float:
-    """Mean |y_train - y_eval| on a fresh batch after ``steps`` Adam steps of a classifier on top."""
+    """Mean |y_train - y_eval| on a fresh batch after ``steps`` Adam steps of a classifier."""
     torch.manual_seed(seed)
     draw = stationary_stream(seed)
     layer = GAP_LAYERS[name]()
     head = nn.Linear(8, K)
     optimizer = torch.optim.Adam([*layer.parameters(), *head.parameters()], lr=1e-2)
-    call = (lambda m, x, ids: m(x, ids)) if getattr(layer, "uses_context", False) else (lambda m, x, ids: m(x))
+    call = (
+        (lambda m, x, ids: m(x, ids))
+        if getattr(layer, "uses_context", False)
+        else (lambda m, x, ids: m(x))
+    )
     for _ in range(steps):
         x, ids = draw()
         loss = nn.functional.cross_entropy(head(call(layer, x, ids).mean((2, 3))), ids)
@@ -336,13 +394,18 @@ def train_eval_gap_after_training(name: str, seed: int, steps: int = 200) -> flo
         optimizer.step()
     x, ids = draw()
     with torch.no_grad():
-        return (call(copy.deepcopy(layer).train(), x, ids) - call(layer.eval(), x, ids)).abs().mean().item()
+        return (
+            (call(copy.deepcopy(layer).train(), x, ids) - call(layer.eval(), x, ids))
+            .abs()
+            .mean()
+            .item()
+        )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in GAP_LAYERS if n != "bn"])
 def test_eval_mode_computes_what_training_computed(name: str) -> None:
-    """On a stationary stream, every layer with running estimates stays within 3x BatchNorm's gap, every seed."""
+    """Stationary stream: each layer with running estimates within 3x BatchNorm's gap, each seed."""
     for seed in (0, 1, 2):
         reference = train_eval_gap_after_training("bn", seed)
         gap = train_eval_gap_after_training(name, seed)
@@ -350,7 +413,7 @@ def test_eval_mode_computes_what_training_computed(name: str) -> None:
 
 
 def test_papers_inference_departs_from_training_in_gradient_mode() -> None:
-    """004 Eq. 15 (the learned mixture) is kept as an option; it is not what training normalised with."""
+    """The papers' inference (the learned mixture) is an option; it is not what training used."""
     torch.manual_seed(0)
     layer = cn.AdaptiveContextNorm(8, K, update="gradient", inference="mixture", momentum=None)
     draw = stationary_stream(0)
@@ -369,7 +432,7 @@ def test_papers_inference_departs_from_training_in_gradient_mode() -> None:
 
 
 def test_mixnorm_components_keep_their_identity_across_batches() -> None:
-    """EM starts from the running mixture: no label switching, the running means sit on the clusters."""
+    """EM starts from the running mixture: no label switching, the running means on the clusters."""
     torch.manual_seed(0)
     centres = torch.tensor([[-8.0, 0.0], [0.0, 8.0], [8.0, 0.0]])
     layer = cn.MixtureNorm(2, K, momentum=0.2)
@@ -383,7 +446,7 @@ def test_mixnorm_components_keep_their_identity_across_batches() -> None:
 
 
 def test_mixnorm_variance_floor_is_relative_to_the_batch() -> None:
-    """A component on one repeated point would get zero variance; the floor keeps a share of the batch's."""
+    """A component on one repeated point would get zero variance; the floor keeps a share."""
     x = torch.cat([torch.zeros(40, 2), torch.randn(40, 2) * 10 + 30])
     layer = cn.MixtureNorm(2, 2, variance_floor=0.01)
     layer(x)
@@ -409,7 +472,7 @@ def test_kmeans_seeding_with_matching_pairs_components() -> None:
     assert torch.cdist(layer.running_mean, centres).min(1).values.max() < 0.3
 
 
-# --- precision -------------------------------------------------------------------------------------
+# --- precision ------------------------------------------------------------------------------------
 
 
 def float32_error(layer: nn.Module, x64: torch.Tensor) -> float:
@@ -445,8 +508,10 @@ def test_float32_error_far_from_zero_within_ten_times_batchnorm(name: str, offse
 @pytest.mark.parametrize("name", MIXTURES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("scale", [1.0, 300.0])
-def test_autocast_matches_float32_within_the_dtypes_tolerance(name: str, dtype: torch.dtype, scale: float) -> None:
-    """Posteriors and moments in float32 under autocast; output in the autocast dtype, as BatchNorm's."""
+def test_autocast_matches_float32_within_the_dtypes_tolerance(
+    name: str, dtype: torch.dtype, scale: float
+) -> None:
+    """Posteriors and moments in float32 under autocast; output in the autocast dtype, as BN's."""
     torch.manual_seed(0)
     conv = nn.Conv2d(C, C, 1)
     x = clustered(8, (4, 4)) * scale
@@ -470,12 +535,12 @@ def test_autocast_matches_float32_within_the_dtypes_tolerance(name: str, dtype: 
     tolerance = {torch.bfloat16: 1.6e-2, torch.float16: 1e-3}[dtype]
     for label, (y, expected, finite_grad) in results.items():
         assert torch.isfinite(y).all() and finite_grad
-        # Relative to the output's scale: ACN's 1/sqrt(lambda) gain makes it larger than BatchNorm's.
+        # Relative to the output's scale, which the 1/sqrt(lambda) gain can make larger than BN's.
         error = (y - expected).abs().max() / expected.abs().max()
         assert error <= 2 * tolerance, (label, error)
 
 
-# --- torch.compile ------------------------------------------------------------------------------------
+# --- torch.compile --------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -512,13 +577,15 @@ def test_mixnorm_eval_compiles_without_graph_breaks() -> None:
     torch.testing.assert_close(compiled(x), layer(x), atol=1e-5, rtol=1e-5)
 
 
-# --- BatchNorm's contracts --------------------------------------------------------------------------
+# --- BatchNorm's contracts ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", MIXTURES)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("shape", [(0, C, 4, 4), (0, C), (3, C, 0)])
-def test_empty_batch_gives_empty_output_and_leaves_state_untouched(name: str, training: bool, shape) -> None:
+def test_empty_batch_gives_empty_output_and_leaves_state_untouched(
+    name: str, training: bool, shape
+) -> None:
     layer = make(name)
     layer(clustered(8, (2, 2)))
     layer.train(training)
@@ -536,7 +603,9 @@ def test_empty_batch_gives_empty_output_and_leaves_state_untouched(name: str, tr
 
 @pytest.mark.parametrize("name", MIXTURES)
 @pytest.mark.parametrize("training", [True, False])
-def test_reset_running_stats_and_reset_parameters_mean_what_batchnorm_means(name: str, training: bool) -> None:
+def test_reset_running_stats_and_reset_parameters_mean_what_batchnorm_means(
+    name: str, training: bool
+) -> None:
     layer = make(name)
     for _ in range(3):
         layer(clustered(8, (2, 2)) * 3 + 1)
@@ -581,7 +650,11 @@ def test_count_keyword_context_argument_device_and_dtype() -> None:
         with pytest.raises(TypeError, match="num_contexts"):
             layer_class(C)
         layer = layer_class(C, num_contexts=K, dtype=torch.float64, device="cpu")
-        assert all(t.dtype == torch.float64 for t in (*layer.parameters(), *layer.buffers()) if t.is_floating_point())
+        assert all(
+            t.dtype == torch.float64
+            for t in (*layer.parameters(), *layer.buffers())
+            if t.is_floating_point()
+        )
         x = clustered(4, (2, 2), torch.float64)
         torch.manual_seed(0)
         expected = copy.deepcopy(layer)(x)
@@ -594,7 +667,10 @@ def test_count_keyword_context_argument_device_and_dtype() -> None:
     [
         (lambda: cn.AdaptiveContextNorm(C, K, update="adam"), "update must be one of"),
         (lambda: cn.AdaptiveContextNorm(C, K, inference="batch"), "inference must be one of"),
-        (lambda: cn.AdaptiveContextNorm(C, K, track_running_stats=False), "needs track_running_stats=True"),
+        (
+            lambda: cn.AdaptiveContextNorm(C, K, track_running_stats=False),
+            "needs track_running_stats=True",
+        ),
         (lambda: cn.MixtureNorm(C, K, seeding="random"), "seeding must be"),
         (lambda: cn.MixtureNorm(C, K, variance_floor=1.5), "variance_floor must be"),
         (lambda: cn.MixtureNorm(C, 0), "num_contexts must be a positive integer"),
@@ -624,7 +700,7 @@ def test_gradient_mode_without_running_estimates_uses_batch_statistics_in_eval()
     assert layer.running_mean is None
 
 
-# --- diagnostics -------------------------------------------------------------------------------------
+# --- diagnostics ----------------------------------------------------------------------------------
 
 
 def test_mixture_diagnostics_report_weights_and_certainty() -> None:
@@ -635,7 +711,12 @@ def test_mixture_diagnostics_report_weights_and_certainty() -> None:
         layer.running_mean.copy_(torch.tensor([[-10.0, 0.0], [10.0, 0.0]]))
     model = nn.Sequential(nn.Identity(), layer)
     for _ in range(20):
-        x = torch.cat([torch.randn(300, 2) - torch.tensor([10.0, 0.0]), torch.randn(100, 2) + torch.tensor([10.0, 0.0])])
+        x = torch.cat(
+            [
+                torch.randn(300, 2) - torch.tensor([10.0, 0.0]),
+                torch.randn(100, 2) + torch.tensor([10.0, 0.0]),
+            ]
+        )
         model(x)
     report = diagnostics.mixture_diagnostics(model)
     assert list(report) == ["1"]
@@ -657,8 +738,13 @@ def test_mixture_diagnostics_see_a_collapsed_component() -> None:
 def test_train_eval_gap_of_every_layer_with_running_estimates() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), cn.ModeNorm(8, 2), cn.ContextNormX(8, 2), cn.MixtureNorm(8, 2),
-        cn.SwitchNorm(8), cn.AdaptiveContextNorm(8, 2, update="gradient", inference="mixture"),
+        nn.Conv2d(3, 8, 1),
+        nn.BatchNorm2d(8),
+        cn.ModeNorm(8, 2),
+        cn.ContextNormX(8, 2),
+        cn.MixtureNorm(8, 2),
+        cn.SwitchNorm(8),
+        cn.AdaptiveContextNorm(8, 2, update="gradient", inference="mixture"),
     )
     model.train()
     for _ in range(30):

@@ -12,9 +12,15 @@ Numerics: everything is computed on ``x - r``, with ``r`` the per-channel batch 
 eval, a fixed reference), so the quadratic expansion of ``(x - m)^2 / s`` into matrix
 products does not cancel catastrophically when activations sit far from zero.
 
-The training transform (004 Eq. 5-9 = 002 Eq. 19-21) is a custom autograd function
+The training transform ([CBN] Eq. 5-9 = [PKN] Eq. 19-21) is a custom autograd function
 (:func:`batch_mixture_norm`) whose backward computes the input gradient in a few fused
 passes instead of autograd's dozen.
+
+References:
+    [CBN] B. Faye, H. Azzag, M. Lebbah. Cluster-Based Normalization Layer for Neural Networks.
+        arXiv:2403.16798v2, 2024.
+    [PKN] B. Faye, H. Azzag, M. Lebbah, D. Bouchaffra. Enhancing Neural Network Representations
+        with Prior Knowledge-Based Normalization. arXiv:2403.16798v3, 2024.
 """
 
 from __future__ import annotations
@@ -27,20 +33,20 @@ from torch import Tensor
 
 __all__ = [
     "MixtureStats",
-    "positions_view",
-    "from_positions_view",
-    "sample_positions",
+    "batch_mixture_norm",
     "channels_inner",
     "component_sums",
-    "expand_components",
-    "log_joint_coefficients",
-    "log_joint",
-    "batch_mixture_norm",
-    "mixture_transform",
     "diag_gaussian_log_density",
-    "kmeans_plus_plus",
+    "expand_components",
     "fit_diag_gmm",
+    "from_positions_view",
+    "kmeans_plus_plus",
+    "log_joint",
+    "log_joint_coefficients",
     "match_components",
+    "mixture_transform",
+    "positions_view",
+    "sample_positions",
 ]
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -50,8 +56,8 @@ class MixtureStats(NamedTuple):
     """What a training batch normalised with, for running estimates and diagnostics (no grad).
 
     Attributes:
-        mean: (K, C) posterior-weighted batch mean of each component (004 Eq. 8).
-        var: (K, C) posterior-weighted biased batch variance (004 Eq. 9).
+        mean: (K, C) posterior-weighted batch mean of each component ([CBN] Eq. 8-9).
+        var: (K, C) posterior-weighted biased batch variance ([CBN] Eq. 8-9), after the floor.
         mass: (K,) ``sum_i tau_k(x_i)``, the positions' posterior mass per component.
         mass_sq: (K,) ``sum_i tau_k(x_i)^2``; ``mass^2 / mass_sq`` is the effective number of
             positions behind a component (the unbiased variance needs it).
@@ -89,7 +95,7 @@ def from_positions_view(view: Tensor, n: int, length: int) -> Tensor:
 
 
 def sample_positions(view: Tensor, count: int) -> Tensor:
-    """At most ``count`` positions of ``view`` (B, C, L), drawn at random without replacement, as rows (P, C).
+    """At most ``count`` positions of ``view`` (B, C, L), drawn without replacement, as rows (P, C).
 
     Gathers the drawn positions only: no copy of the whole view.
     """
@@ -125,22 +131,30 @@ def component_sums(weights: Tensor, values: Tensor) -> Tensor:
     return torch.bmm(values, weights.transpose(1, 2)).sum(0).t()
 
 
-def expand_components(coefficients: Tensor, weights: Tensor, inner: bool, out: Tensor | None = None) -> Tensor:
-    """``sum_k weights[b, k, l] * coefficients[k, c]`` (B, C, L), in the layout that ``inner`` names.
+def expand_components(
+    coefficients: Tensor, weights: Tensor, inner: bool, out: Tensor | None = None
+) -> Tensor:
+    """``sum_k weights[b, k, l] * coefficients[k, c]`` (B, C, L), in the layout ``inner`` names.
 
     ``out``: a (B, C, L) tensor in that layout to write into instead of allocating one.
     """
     if inner:
-        result = torch.matmul(weights.transpose(1, 2), coefficients, out=None if out is None else out.transpose(1, 2))
+        result = torch.matmul(
+            weights.transpose(1, 2), coefficients, out=None if out is None else out.transpose(1, 2)
+        )
         return result.transpose(1, 2)
     expanded = coefficients.t().expand(weights.shape[0], -1, -1).contiguous()
     return torch.bmm(expanded, weights, out=out)
 
 
-def _expand_components_add_(target: Tensor, coefficients: Tensor, weights: Tensor, inner: bool) -> Tensor:
+def _expand_components_add_(
+    target: Tensor, coefficients: Tensor, weights: Tensor, inner: bool
+) -> Tensor:
     """``target += expand_components(coefficients, weights)`` in place, without a temporary."""
     if inner:
-        target.transpose(1, 2).baddbmm_(weights.transpose(1, 2), coefficients.expand(weights.shape[0], -1, -1))
+        target.transpose(1, 2).baddbmm_(
+            weights.transpose(1, 2), coefficients.expand(weights.shape[0], -1, -1)
+        )
     else:
         target.baddbmm_(coefficients.t().expand(weights.shape[0], -1, -1).contiguous(), weights)
     return target
@@ -149,7 +163,7 @@ def _expand_components_add_(target: Tensor, coefficients: Tensor, weights: Tenso
 def log_joint_coefficients(
     log_prior: Tensor, mean: Tensor, var: Tensor, reference: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(alpha, beta, gamma)`` with ``log lambda_k + log N(x | m_k, var_k) = alpha x'^2 + beta x' + gamma``.
+    """``(alpha, beta, gamma)``: ``log lambda_k N(x | m_k, var_k) = alpha x'^2 + beta x' + gamma``.
 
     ``x' = x - reference`` per channel; ``alpha, beta`` (K, C) are summed over channels
     against ``x'^2`` and ``x'``, ``gamma`` (K,) is the constant. ``var`` must be positive
@@ -158,7 +172,9 @@ def log_joint_coefficients(
     precision = var.reciprocal()
     centred = mean - reference
     beta = centred * precision
-    gamma = log_prior - 0.5 * ((centred * beta).sum(1) + var.log().sum(1) + mean.shape[1] * _LOG_2PI)
+    gamma = log_prior - 0.5 * (
+        (centred * beta).sum(1) + var.log().sum(1) + mean.shape[1] * _LOG_2PI
+    )
     return -0.5 * precision, beta, gamma
 
 
@@ -173,7 +189,9 @@ def _project(coefficients: Tensor, values: Tensor) -> Tensor:
     return torch.bmm(coefficients.expand(values.shape[0], -1, -1), values)
 
 
-def log_joint(centred: Tensor, squares: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor) -> Tensor:
+def log_joint(
+    centred: Tensor, squares: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor
+) -> Tensor:
     """``log lambda_k p(x | k)`` (B, K, L) from centred values and their squares (B, C, L)."""
     return _project(alpha, squares) + _project(beta, centred) + gamma.view(1, -1, 1)
 
@@ -190,7 +208,10 @@ def _moments(tau: Tensor, centred: Tensor, squares: Tensor) -> tuple[Tensor, Ten
 def _coefficients(
     mean: Tensor, var: Tensor, eps: float, gain: Tensor, weight: Tensor | None, bias: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(scale, shift, rsqrt(var + eps))`` (K, C) of ``weight * gain_k (x' - mean_k) / sqrt(var_k + eps) + bias``."""
+    """``(scale, shift, rsqrt(var + eps))`` (K, C) of the affine map of each component.
+
+    ``x' * scale + shift == weight * gain_k (x' - mean_k) / sqrt(var_k + eps) + bias``.
+    """
     inv_std = torch.rsqrt(var + eps)
     scale = inv_std * gain.unsqueeze(1)
     if weight is not None:
@@ -202,7 +223,7 @@ def _coefficients(
 
 
 class _BatchMixtureNorm(torch.autograd.Function):
-    """004 Eq. 5-9 on a positions view, with a hand-fused backward.
+    """[CBN] Eq. 5-9 on a positions view, with a hand-fused backward.
 
     Forward: ``tau = softmax_k(alpha x'^2 + beta x' + gamma)``; posterior-weighted batch
     mean ``mu_k`` and biased variance ``v_k``; ``y = sum_k tau_k (a_k x' + b_k)`` with
@@ -264,7 +285,20 @@ class _BatchMixtureNorm(torch.autograd.Function):
             mean + reference, var, mass, (tau * tau).sum((0, 2)), -(tau * log_tau).sum()
         )
         ctx.save_for_backward(
-            centred, tau, alpha, beta, gain, weight, mean, var, scale, shift, inv_std, mass, floored, total_mean
+            centred,
+            tau,
+            alpha,
+            beta,
+            gain,
+            weight,
+            mean,
+            var,
+            scale,
+            shift,
+            inv_std,
+            mass,
+            floored,
+            total_mean,
         )
         ctx.flags = (inner, batch_gain, posterior_grad, floor_ratio)
         ctx.mark_non_differentiable(*stats)
@@ -272,9 +306,25 @@ class _BatchMixtureNorm(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        (centred, tau, alpha, beta, gain, weight, mean, var, scale, shift, inv_std, mass, floored,
-         total_mean) = ctx.saved_tensors
+    def backward(  # type: ignore[override]
+        ctx, grad: Tensor, *_: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        (
+            centred,
+            tau,
+            alpha,
+            beta,
+            gain,
+            weight,
+            mean,
+            var,
+            scale,
+            shift,
+            inv_std,
+            mass,
+            floored,
+            total_mean,
+        ) = ctx.saved_tensors
         inner, batch_gain, posterior_grad, floor_ratio = ctx.flags
         needs = ctx.needs_input_grad
         grad = _dense(grad, inner)
@@ -292,7 +342,9 @@ class _BatchMixtureNorm(torch.autograd.Function):
         if floored is not None:
             grad_floor = floor_ratio * (grad_var * floored).sum(0)
             grad_var = grad_var.masked_fill(floored, 0.0)
-        per_gain = (grad_scale * inv_std if weight is None else grad_scale * inv_std * weight).sum(1)
+        per_gain = (grad_scale * inv_std if weight is None else grad_scale * inv_std * weight).sum(
+            1
+        )
         grad_gain = per_gain if needs[5] and not batch_gain else None
         grad_weight = (grad_scale * inv_std * gain.unsqueeze(1)).sum(0) if needs[6] else None
 
@@ -308,9 +360,12 @@ class _BatchMixtureNorm(torch.autograd.Function):
         slope, offset, weights = 2.0 * grad_second, grad_first, tau
         grad_alpha = grad_beta = grad_gamma = None
         if posterior_grad:
-            grad_mass = -(grad_mean * mean + grad_var * (var - mean * mean)).sum(1) / safe.squeeze(1)
+            grad_mass = -(grad_mean * mean + grad_var * (var - mean * mean)).sum(1) / safe.squeeze(
+                1
+            )
             if batch_gain:
-                # gain_k = (M_k / sum M)^(-1/2): d gain_k / d M_j = -gain_k (delta_kj / M_k - 1 / sum M) / 2.
+                # gain_k = (M_k / sum M)^(-1/2):
+                # d gain_k / d M_j = -gain_k (delta_kj / M_k - 1 / sum M) / 2.
                 pulled = per_gain * gain
                 grad_mass = grad_mass - 0.5 * (pulled / safe.squeeze(1) - pulled.sum() / mass.sum())
             squares = torch.mul(centred, centred, out=work)
@@ -333,7 +388,19 @@ class _BatchMixtureNorm(torch.autograd.Function):
             grad_x.mul_(centred)
             _expand_components_add_(grad_x, offset, weights, inner)
             grad_x.addcmul_(grad, expand_components(scale, tau, inner, out=work))
-        return grad_x, None, grad_alpha, grad_beta, grad_gamma, grad_gain, grad_weight, grad_bias, None, None, None
+        return (
+            grad_x,
+            None,
+            grad_alpha,
+            grad_beta,
+            grad_gamma,
+            grad_gain,
+            grad_weight,
+            grad_bias,
+            None,
+            None,
+            None,
+        )
 
 
 def batch_mixture_norm(
@@ -349,7 +416,7 @@ def batch_mixture_norm(
     reference: Tensor | None = None,
     variance_floor: float = 0.0,
 ) -> tuple[Tensor, MixtureStats]:
-    """The training transform of ACN and MixNorm (004 Eq. 5-9; 002 Eq. 19-21) on a positions view.
+    """The training transform of ACN and MixNorm ([CBN] Eq. 5-9, [PKN] Eq. 19-21).
 
     ``tau_k(x_i) = softmax_k(alpha_k x'^2 + beta_k x' + gamma_k)`` (the posterior under the
     mixture whose :func:`log_joint_coefficients` these are, with ``x' = x - reference``);
@@ -372,7 +439,17 @@ def batch_mixture_norm(
     if reference is None:
         reference = x.detach().mean((0, 2))
     out, *stats = _BatchMixtureNorm.apply(
-        x, reference, alpha, beta, gamma, gain, weight, bias, eps, posterior_grad, float(variance_floor)
+        x,
+        reference,
+        alpha,
+        beta,
+        gamma,
+        gain,
+        weight,
+        bias,
+        eps,
+        posterior_grad,
+        float(variance_floor),
     )
     return out, MixtureStats(*stats)
 
@@ -390,7 +467,7 @@ def mixture_transform(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
 ) -> Tensor:
-    """The inference transform (004 Eq. 15 form) with given component statistics ``mean, var`` (K, C).
+    """The inference transform ([CBN] Eq. 15 form) with given statistics ``mean, var`` (K, C).
 
     ``y_i = weight * sum_k tau_k(x_i) gain_k (x_i - mean_k) / sqrt(var_k + eps) + bias`` with
     the posterior from ``alpha, beta, gamma`` (around ``reference``, (C,)). Plain autograd.
@@ -413,7 +490,9 @@ def diag_gaussian_log_density(points: Tensor, mean: Tensor, var: Tensor) -> Tens
     return log_joint(centred, centred * centred, *coefficients)[0].t()
 
 
-def kmeans_plus_plus(points: Tensor, num_components: int, generator: torch.Generator | None = None) -> Tensor:
+def kmeans_plus_plus(
+    points: Tensor, num_components: int, generator: torch.Generator | None = None
+) -> Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii): ``num_components`` rows of ``points`` (P, C).
 
     The seeding is sequential by definition; each step costs one (P, C) distance update.
@@ -455,11 +534,15 @@ def fit_diag_gmm(
     squares = centred * centred
     tiny = torch.finfo(points.dtype).tiny
     for _ in range(steps):
-        tau = torch.softmax(log_joint(centred, squares, *log_joint_coefficients(log_prior, mean, var, reference)), 1)
+        tau = torch.softmax(
+            log_joint(centred, squares, *log_joint_coefficients(log_prior, mean, var, reference)), 1
+        )
         new_mean, new_var, mass = _moments(tau, centred, squares)
         alive = (mass > 1e-6 * points.shape[0]).unsqueeze(1)
         mean = torch.where(alive, new_mean + reference, mean)
-        var = torch.where(alive, torch.maximum(new_var, torch.as_tensor(variance_floor, dtype=var.dtype)), var)
+        var = torch.where(
+            alive, torch.maximum(new_var, torch.as_tensor(variance_floor, dtype=var.dtype)), var
+        )
         log_prior = torch.log((mass / mass.sum()).clamp_min(tiny))
     return log_prior, mean, var
 
@@ -472,7 +555,9 @@ def match_components(mean: Tensor, reference_mean: Tensor, reference_var: Tensor
     between means scaled by the reference variances: ``mean[order]`` lines up with
     ``reference_mean``. Tensor operations only (no host synchronisation).
     """
-    cost = (((mean.unsqueeze(0) - reference_mean.unsqueeze(1)) ** 2) / reference_var.unsqueeze(1)).sum(2)
+    cost = (
+        ((mean.unsqueeze(0) - reference_mean.unsqueeze(1)) ** 2) / reference_var.unsqueeze(1)
+    ).sum(2)
     count = cost.shape[0]
     # Overflowed costs stay below the infinity that marks pairs already taken.
     wide = torch.finfo(torch.float64).max

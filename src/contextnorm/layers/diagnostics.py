@@ -34,8 +34,8 @@ from .base import NormBase
 from .mixture import AdaptiveContextNorm, MixtureNorm
 
 __all__ = [
-    "MixtureDiagnostics",
     "LayerGap",
+    "MixtureDiagnostics",
     "mixture_diagnostics",
     "running_estimate_layers",
     "train_eval_gap",
@@ -84,7 +84,7 @@ def _is_mixture(module: nn.Module) -> bool:
 
 
 def mixture_diagnostics(model: nn.Module) -> dict[str, MixtureDiagnostics]:
-    """:class:`MixtureDiagnostics` of every ACN and MixNorm layer of ``model`` (with running estimates).
+    """:class:`MixtureDiagnostics` of every ACN and MixNorm layer (with running estimates).
 
     Computed from the layers' buffers, which training mode updates in every step
     (``running_prior``, ``running_entropy``, ``running_mean``, ``running_var``); a layer that
@@ -155,7 +155,10 @@ def train_eval_gap(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, Lay
         return hook
 
     modes = {module: module.training for module in model.modules()}
-    handles = [layer.register_forward_hook(measure(name), with_kwargs=True) for name, layer in layers.items()]
+    handles = [
+        layer.register_forward_hook(measure(name), with_kwargs=True)
+        for name, layer in layers.items()
+    ]
     try:
         model.eval()
         with torch.no_grad():
@@ -173,7 +176,7 @@ def train_eval_gap(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, Lay
 
 
 def _forked_rng(device: torch.device) -> Any:
-    """Restore the CPU generator, and that of ``device`` if it is an accelerator, after the block."""
+    """Restore the CPU generator, and ``device``'s if it is an accelerator, after the block."""
     if device.type == "cpu":
         return torch.random.fork_rng(devices=[])
     index = device.index if device.index is not None else 0

@@ -50,10 +50,14 @@ def _renamed_count(name: str, value: int | None, old_name: str, old_value: int |
     """The count given as ``name``, or as its former name ``old_name`` with a ``FutureWarning``."""
     if old_value is not None:
         warnings.warn(
-            f"{old_name} is renamed {name}; pass {name}={old_value} instead", FutureWarning, stacklevel=3
+            f"{old_name} is renamed {name}; pass {name}={old_value} instead",
+            FutureWarning,
+            stacklevel=3,
         )
         if value is not None and value != old_value:
-            raise ValueError(f"{name}={value!r} and {old_name}={old_value!r} disagree; pass {name} alone")
+            raise ValueError(
+                f"{name}={value!r} and {old_name}={old_value!r} disagree; pass {name} alone"
+            )
         value = old_value
     if value is None:
         raise TypeError(f"missing the required argument {name}")
@@ -71,7 +75,7 @@ def _exact_math(device: torch.device) -> Iterator[None]:
 
 
 def _snapshot(buffer: Tensor) -> Tensor:
-    """The current value of a buffer that this forward reads for its gradient, then updates in place.
+    """The value of a buffer that this forward reads for its gradient, then updates in place.
 
     In eager mode, the buffer itself. Under ``torch.compile``, AOTAutograd's partitioner may
     recompute cheap functions of a graph input in the backward instead of saving them, and it
@@ -113,9 +117,14 @@ class _PositionMixture(NormBase):
         super().__init__(num_features, eps, affine, channel_last)
         self.num_contexts = num_contexts
         self.momentum = check_momentum(momentum, allow_none=True)
-        if isinstance(variance_floor, bool) or not isinstance(variance_floor, (int, float)) or not 0 <= variance_floor < 1:
+        if (
+            isinstance(variance_floor, bool)
+            or not isinstance(variance_floor, (int, float))
+            or not 0 <= variance_floor < 1
+        ):
             raise ValueError(
-                f"variance_floor must be a fraction of the batch's variance in [0, 1), got {variance_floor!r}"
+                "variance_floor must be a fraction of the batch's variance in [0, 1), "
+                f"got {variance_floor!r}"
             )
         self.variance_floor = float(variance_floor)
         self.prior_scaling = bool(prior_scaling)
@@ -131,7 +140,13 @@ class _PositionMixture(NormBase):
             self.register_buffer("running_entropy", torch.zeros(()))
             self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         else:
-            for name in ("running_prior", "running_mean", "running_var", "running_entropy", "num_batches_tracked"):
+            for name in (
+                "running_prior",
+                "running_mean",
+                "running_var",
+                "running_entropy",
+                "num_batches_tracked",
+            ):
                 self.register_buffer(name, None)
 
     def reset_running_stats(self) -> None:
@@ -161,7 +176,9 @@ class _PositionMixture(NormBase):
 
     def _empty_output(self, x: Tensor) -> Tensor:
         """An empty batch, as BatchNorm: an empty output (gradients of zero), state untouched."""
-        F.as_ncl(x.new_zeros((1, *x.shape[1:])), self.num_features, self.channel_last)  # layout checks
+        F.as_ncl(
+            x.new_zeros((1, *x.shape[1:])), self.num_features, self.channel_last
+        )  # layout checks
         if not self.affine:
             return x.clone()
         channel_dim = -1 if self.channel_last and x.dim() > 2 else 1
@@ -194,7 +211,9 @@ class _PositionMixture(NormBase):
             if self.momentum is None:
                 rate = self.num_batches_tracked.reciprocal().to(self.running_prior)
             else:
-                rate = torch.as_tensor(self.momentum, dtype=self.running_prior.dtype, device=self.running_prior.device)
+                rate = torch.as_tensor(
+                    self.momentum, dtype=self.running_prior.dtype, device=self.running_prior.device
+                )
             if restart:
                 rate = torch.where(self.num_batches_tracked == 1, 1.0, rate)
             share = (stats.mass / positions).to(self.running_prior)
@@ -207,10 +226,17 @@ class _PositionMixture(NormBase):
             self.running_entropy.lerp_((stats.entropy / positions).to(self.running_entropy), rate)
 
     def extra_repr(self) -> str:
-        parts = [f"{self.num_features}", f"num_contexts={self.num_contexts}", f"eps={self.eps}",
-                 f"momentum={self.momentum}", *self._extra_repr_parts(), f"variance_floor={self.variance_floor}",
-                 f"affine={self.affine}", f"track_running_stats={self.track_running_stats}",
-                 f"prior_scaling={self.prior_scaling}"]
+        parts = [
+            f"{self.num_features}",
+            f"num_contexts={self.num_contexts}",
+            f"eps={self.eps}",
+            f"momentum={self.momentum}",
+            *self._extra_repr_parts(),
+            f"variance_floor={self.variance_floor}",
+            f"affine={self.affine}",
+            f"track_running_stats={self.track_running_stats}",
+            f"prior_scaling={self.prior_scaling}",
+        ]
         if self.channel_last:
             parts.append("channel_last=True")
         return ", ".join(parts)
@@ -231,7 +257,7 @@ def _unbiased(stats: F.MixtureStats) -> Tensor:
 
 
 class AdaptiveContextNorm(_PositionMixture):
-    r"""Adaptive Context Normalization (ACN; UCB-Norm of [CBN]): a learned Gaussian mixture, no context ids.
+    r"""Adaptive Context Normalization (ACN; UCB-Norm of [CBN]): a learned Gaussian mixture.
 
     Each position's channel vector ``x_i`` gets a posterior ``tau_k(x_i)`` under the mixture
     ``{lambda_k, m_k, diag(Sigma_k + eps)}``, multivariate over the channels ([CBN] Eq. 5-6),
@@ -304,7 +330,9 @@ class AdaptiveContextNorm(_PositionMixture):
         num_components: int | None = None,
     ) -> None:
         count = _renamed_count("num_contexts", num_contexts, "num_components", num_components)
-        super().__init__(num_features, count, eps, momentum, affine, variance_floor, prior_scaling, channel_last)
+        super().__init__(
+            num_features, count, eps, momentum, affine, variance_floor, prior_scaling, channel_last
+        )
         if update not in _UPDATE_MODES:
             raise ValueError(f"update must be one of {_UPDATE_MODES}, got {update!r}")
         if inference not in _INFERENCE_MODES:
@@ -325,7 +353,7 @@ class AdaptiveContextNorm(_PositionMixture):
         self.to(device=device, dtype=dtype)
 
     def reset_running_stats(self) -> None:
-        """Running estimates back to their start; in momentum mode that is the mixture (new random means)."""
+        """Running estimates back to their start (momentum mode: the mixture, new random means)."""
         super().reset_running_stats()
         if self.update == "momentum":
             with torch.no_grad():
@@ -341,9 +369,11 @@ class AdaptiveContextNorm(_PositionMixture):
         self._reset_affine()
 
     def _load_batch_statistics(self, mean: Tensor, var: Tensor) -> None:
-        """Start from BatchNorm's statistics: components around its mean, one standard deviation apart."""
+        """Start from BatchNorm's statistics: components around its mean, one std apart."""
         spread = var.clamp_min(self.eps).sqrt()
-        means = mean + spread * torch.randn(self.num_contexts, self.num_features, device=mean.device, dtype=mean.dtype)
+        means = mean + spread * torch.randn(
+            self.num_contexts, self.num_features, device=mean.device, dtype=mean.dtype
+        )
         if self.update == "gradient":
             self.component_mean.copy_(means)
             self.component_raw_std.copy_(inverse_softplus(spread).expand_as(self.component_raw_std))
@@ -353,8 +383,10 @@ class AdaptiveContextNorm(_PositionMixture):
 
     @property
     def prior(self) -> Tensor:
-        """The mixture weights ``lambda`` (K,) of the posterior (the learned ones in gradient mode)."""
-        return torch.softmax(self.prior_logits, 0) if self.update == "gradient" else self.running_prior
+        """The mixture weights ``lambda`` (K,) of the posterior (learned ones in gradient mode)."""
+        return (
+            torch.softmax(self.prior_logits, 0) if self.update == "gradient" else self.running_prior
+        )
 
     @property
     def mixture_mean(self) -> Tensor:
@@ -364,7 +396,11 @@ class AdaptiveContextNorm(_PositionMixture):
     @property
     def mixture_var(self) -> Tensor:
         """The variances ``diag(Sigma_k)`` (K, C) of the posterior's mixture."""
-        return nnf.softplus(self.component_raw_std).square() if self.update == "gradient" else self.running_var
+        return (
+            nnf.softplus(self.component_raw_std).square()
+            if self.update == "gradient"
+            else self.running_var
+        )
 
     def _mixture(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         """``(log lambda (K,), m (K, C), Sigma + eps (K, C))`` of the posterior, in ``dtype``."""
@@ -373,7 +409,10 @@ class AdaptiveContextNorm(_PositionMixture):
             mean = self.component_mean.to(dtype)
             var = nnf.softplus(self.component_raw_std.to(dtype)).square()
         else:
-            prior, mean, var = (_snapshot(t.to(dtype)) for t in (self.running_prior, self.running_mean, self.running_var))
+            prior, mean, var = (
+                _snapshot(t.to(dtype))
+                for t in (self.running_prior, self.running_mean, self.running_var)
+            )
             log_prior = prior.clamp_min(_TINY_PRIOR).log()
         return log_prior, mean, var + self.eps
 
@@ -387,7 +426,14 @@ class AdaptiveContextNorm(_PositionMixture):
             reference = view.detach().mean((0, 2))
             coefficients = F.log_joint_coefficients(log_prior, mean, var, reference)
             out, stats = F.batch_mixture_norm(
-                view, *coefficients, self.eps, gain, weight, bias, reference=reference, variance_floor=self.variance_floor
+                view,
+                *coefficients,
+                self.eps,
+                gain,
+                weight,
+                bias,
+                reference=reference,
+                variance_floor=self.variance_floor,
             )
             if self.training and self.track_running_stats:
                 self._update_running(stats, view.shape[0] * view.shape[2])
@@ -396,17 +442,21 @@ class AdaptiveContextNorm(_PositionMixture):
         # A fixed reference near the data: eval output of a sample does not depend on the batch.
         reference = (log_prior.exp() @ norm_mean).detach()
         coefficients = F.log_joint_coefficients(log_prior, mean, var, reference)
-        return F.mixture_transform(view, reference, *coefficients, norm_mean, norm_var, self.eps, gain, weight, bias)
+        return F.mixture_transform(
+            view, reference, *coefficients, norm_mean, norm_var, self.eps, gain, weight, bias
+        )
 
     def _eval_statistics(self, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
-        """The (K, C) means and variances eval mode normalises with; ``None`` for batch statistics."""
+        """The (K, C) means and variances eval mode normalises with; ``None``: batch statistics."""
         if self.training:
             return None
         if self.update == "momentum" or self.inference == "running":
             if not self.track_running_stats:
                 return None
             return self.running_mean.to(dtype), self.running_var.to(dtype)
-        return self.component_mean.to(dtype), nnf.softplus(self.component_raw_std.to(dtype)).square()
+        return self.component_mean.to(dtype), nnf.softplus(
+            self.component_raw_std.to(dtype)
+        ).square()
 
     def _extra_repr_parts(self) -> list[str]:
         parts = [f"update={self.update!r}"]
@@ -476,7 +526,9 @@ class MixtureNorm(_PositionMixture):
         num_components: int | None = None,
     ) -> None:
         count = _renamed_count("num_contexts", num_contexts, "num_components", num_components)
-        super().__init__(num_features, count, eps, momentum, affine, variance_floor, prior_scaling, channel_last)
+        super().__init__(
+            num_features, count, eps, momentum, affine, variance_floor, prior_scaling, channel_last
+        )
         self.em_steps = check_count("em_steps", em_steps)
         self.max_positions = check_count("max_positions", max_positions)
         if seeding not in ("running", "kmeans++"):
@@ -498,15 +550,36 @@ class MixtureNorm(_PositionMixture):
             reference = (self.running_prior.to(dtype) @ mean).detach()
             coefficients = F.log_joint_coefficients(log_prior, mean, var + self.eps, reference)
             return F.mixture_transform(
-                view, reference, *coefficients, mean, var, self.eps, self._gain(log_prior), weight, bias
+                view,
+                reference,
+                *coefficients,
+                mean,
+                var,
+                self.eps,
+                self._gain(log_prior),
+                weight,
+                bias,
             )
         reference = view.detach().mean((0, 2))
         log_prior, mean, var = self._fit_batch(view.detach(), reference)
         # The fit is centred on the reference already.
-        coefficients = F.log_joint_coefficients(log_prior, mean, var + self.eps, torch.zeros_like(reference))
-        gain = None if self.prior_scaling else torch.ones(self.num_contexts, dtype=dtype, device=view.device)
+        coefficients = F.log_joint_coefficients(
+            log_prior, mean, var + self.eps, torch.zeros_like(reference)
+        )
+        gain = (
+            None
+            if self.prior_scaling
+            else torch.ones(self.num_contexts, dtype=dtype, device=view.device)
+        )
         out, stats = F.batch_mixture_norm(
-            view, *coefficients, self.eps, gain, weight, bias, posterior_grad=False, reference=reference,
+            view,
+            *coefficients,
+            self.eps,
+            gain,
+            weight,
+            bias,
+            posterior_grad=False,
+            reference=reference,
             variance_floor=self.variance_floor,
         )
         if self.training and self.track_running_stats:
@@ -515,7 +588,7 @@ class MixtureNorm(_PositionMixture):
         return out
 
     def _fit_batch(self, view: Tensor, reference: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(log lambda (K,), mean - reference (K, C), var (K, C))`` of a GMM fitted by EM to the batch.
+        """``(log lambda (K,), mean - reference (K, C), var (K, C))`` of a GMM fitted to the batch.
 
         EM runs on at most ``max_positions`` positions drawn at random, centred on
         ``reference`` (the batch mean) so that the fit keeps its precision far from zero, with
@@ -528,21 +601,29 @@ class MixtureNorm(_PositionMixture):
                 "network has diverged upstream (lower the learning rate, or check the input)"
             )
         floor = self.variance_floor * points.var(0, correction=0)
-        log_prior, mean, var = F.fit_diag_gmm(points, *self._start(points, reference, floor), self.em_steps, floor)
+        log_prior, mean, var = F.fit_diag_gmm(
+            points, *self._start(points, reference, floor), self.em_steps, floor
+        )
         if self.seeding == "kmeans++" and self.track_running_stats:
             running_mean = self.running_mean.to(mean) - reference
             order = F.match_components(mean, running_mean, self.running_var.to(mean) + self.eps)
             log_prior, mean, var = log_prior[order], mean[order], var[order]
         return log_prior, mean, var
 
-    def _start(self, points: Tensor, reference: Tensor, floor: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _start(
+        self, points: Tensor, reference: Tensor, floor: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Where EM starts: the running mixture, or k-means++ seeds with the batch's variance.
 
         ``points`` are centred on ``reference``, and so is the start. Reading the batch
         counter is a host synchronisation, one more beside the finiteness check of training.
         """
         k = self.num_contexts
-        if self.seeding == "running" and self.track_running_stats and int(self.num_batches_tracked) > 0:
+        if (
+            self.seeding == "running"
+            and self.track_running_stats
+            and int(self.num_batches_tracked) > 0
+        ):
             return (
                 self.running_prior.to(points.dtype).clamp_min(_TINY_PRIOR).log(),
                 self.running_mean.to(points.dtype) - reference,
@@ -553,4 +634,8 @@ class MixtureNorm(_PositionMixture):
         return uniform, F.kmeans_plus_plus(points, k), spread
 
     def _extra_repr_parts(self) -> list[str]:
-        return [f"em_steps={self.em_steps}", f"max_positions={self.max_positions}", f"seeding={self.seeding!r}"]
+        return [
+            f"em_steps={self.em_steps}",
+            f"max_positions={self.max_positions}",
+            f"seeding={self.seeding!r}",
+        ]
