@@ -127,9 +127,10 @@ def train_eval_gap(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, Lay
 
     ``model(*args, **kwargs)`` runs once in eval mode without gradients. At each layer of
     :func:`running_estimate_layers`, a copy of the layer in training mode normalises the same
-    input, so each number is that layer's own gap, not the gap accumulated by the layers
-    before it. Context layers get the contexts the model gives them (an argument, or the
-    :func:`contextnorm.use_context` scope this function is called in).
+    input (the one the layer receives in eval mode), so each number is the gap this layer adds,
+    not the difference accumulated by the layers before it (which shows, though, in the input
+    a deep layer receives). Context layers get the contexts the model gives them (an argument,
+    or the :func:`contextnorm.use_context` scope this function is called in).
 
     Nothing changes: the copies' running-estimate updates are discarded, every module's
     ``training`` flag is restored, and random number generators (MixNorm's EM draws
