@@ -265,7 +265,7 @@ class _BatchMixtureNorm(torch.autograd.Function):
         log_tau = torch.log_softmax(log_joint(centred, squares, alpha, beta, gamma), dim=1)
         tau = log_tau.exp()
         mean, var, mass = _moments(tau, centred, squares)
-        floored = total_mean = None
+        floored = None
         if floor_ratio > 0:
             # The batch's variance per channel, from the components' moments: no extra pass.
             share = (mass / mass.sum()).unsqueeze(1)
@@ -276,7 +276,7 @@ class _BatchMixtureNorm(torch.autograd.Function):
         batch_gain = gain is None
         if batch_gain:
             gain = (mass / mass.sum()).clamp_min(torch.finfo(mass.dtype).tiny).rsqrt()
-        scale, shift, inv_std = _coefficients(mean, var, eps, gain, weight, bias)
+        scale, shift, _ = _coefficients(mean, var, eps, gain, weight, bias)
         # The squares are no longer needed: their memory takes the output.
         out = expand_components(scale, tau, inner, out=squares)
         out.mul_(centred)
@@ -284,23 +284,9 @@ class _BatchMixtureNorm(torch.autograd.Function):
         stats = MixtureStats(
             mean + reference, var, mass, (tau * tau).sum((0, 2)), -(tau * log_tau).sum()
         )
-        ctx.save_for_backward(
-            centred,
-            tau,
-            alpha,
-            beta,
-            gain,
-            weight,
-            mean,
-            var,
-            scale,
-            shift,
-            inv_std,
-            mass,
-            floored,
-            total_mean,
-        )
-        ctx.flags = (inner, batch_gain, posterior_grad, floor_ratio)
+        saved = (centred, tau, alpha, beta, gain, weight, bias, mean, var, mass, floored)
+        ctx.save_for_backward(*saved)
+        ctx.flags = (inner, batch_gain, posterior_grad, floor_ratio, eps)
         ctx.mark_non_differentiable(*stats)
         return (out, *stats)
 
@@ -309,24 +295,10 @@ class _BatchMixtureNorm(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx, grad: Tensor, *_: Tensor
     ) -> tuple[Tensor | None, ...]:
-        (
-            centred,
-            tau,
-            alpha,
-            beta,
-            gain,
-            weight,
-            mean,
-            var,
-            scale,
-            shift,
-            inv_std,
-            mass,
-            floored,
-            total_mean,
-        ) = ctx.saved_tensors
-        inner, batch_gain, posterior_grad, floor_ratio = ctx.flags
+        centred, tau, alpha, beta, gain, weight, bias, mean, var, mass, floored = ctx.saved_tensors
+        inner, batch_gain, posterior_grad, floor_ratio, eps = ctx.flags
         needs = ctx.needs_input_grad
+        scale, shift, inv_std = _coefficients(mean, var, eps, gain, weight, bias)
         grad = _dense(grad, inner)
         work = grad * centred
         grad_scale = component_sums(tau, work)
@@ -355,6 +327,7 @@ class _BatchMixtureNorm(torch.autograd.Function):
         if grad_floor is not None:
             # floor = ratio * (sum_k E2_k / P - (sum_k E1_k / P)^2), P = sum_k M_k.
             positions = mass.sum()
+            total_mean = (mass.unsqueeze(1) * mean).sum(0) / positions
             grad_first = grad_first - 2.0 * total_mean * grad_floor / positions
             grad_second = grad_second + grad_floor / positions
         slope, offset, weights = 2.0 * grad_second, grad_first, tau

@@ -201,6 +201,61 @@ class _PositionMixture(NormBase):
             return None, None
         return self.weight.to(dtype), self.bias.to(dtype)
 
+    def _batch_transform(
+        self,
+        view: Tensor,
+        coefficients: tuple[Tensor, Tensor, Tensor],
+        reference: Tensor,
+        gain: Tensor | None,
+        posterior_grad: bool,
+        restart: bool = False,
+    ) -> Tensor:
+        """The training transform with the batch's weighted statistics; updates the running ones."""
+        weight, bias = self._affine(view.dtype)
+        out, stats = F.batch_mixture_norm(
+            view,
+            *coefficients,
+            self.eps,
+            gain,
+            weight,
+            bias,
+            posterior_grad=posterior_grad,
+            reference=reference,
+            variance_floor=self.variance_floor,
+        )
+        if self.training and self.track_running_stats:
+            self._update_running(stats, view.shape[0] * view.shape[2], restart)
+        return out
+
+    def _running_transform(
+        self,
+        view: Tensor,
+        log_prior: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        norm_mean: Tensor,
+        norm_var: Tensor,
+    ) -> Tensor:
+        """The eval transform: posterior under ``(log_prior, mean, var + eps)``, given statistics.
+
+        The reference is fixed (near the data, the weighted mean of ``norm_mean``), so that a
+        sample's eval output does not depend on the rest of the batch, even by rounding.
+        """
+        weight, bias = self._affine(view.dtype)
+        reference = (log_prior.exp() @ norm_mean).detach()
+        coefficients = F.log_joint_coefficients(log_prior, mean, var, reference)
+        return F.mixture_transform(
+            view,
+            reference,
+            *coefficients,
+            norm_mean,
+            norm_var,
+            self.eps,
+            self._gain(log_prior),
+            weight,
+            bias,
+        )
+
     def _update_running(self, stats: F.MixtureStats, positions: int, restart: bool = False) -> None:
         """Fold a training batch's statistics into the running estimates (no grad, no sync).
 
@@ -417,33 +472,14 @@ class AdaptiveContextNorm(_PositionMixture):
         return log_prior, mean, var + self.eps
 
     def _normalize(self, view: Tensor) -> Tensor:
-        dtype = view.dtype
-        log_prior, mean, var = self._mixture(dtype)
-        weight, bias = self._affine(dtype)
-        gain = self._gain(log_prior)
-        eval_statistics = self._eval_statistics(dtype)
-        if eval_statistics is None:
-            reference = view.detach().mean((0, 2))
-            coefficients = F.log_joint_coefficients(log_prior, mean, var, reference)
-            out, stats = F.batch_mixture_norm(
-                view,
-                *coefficients,
-                self.eps,
-                gain,
-                weight,
-                bias,
-                reference=reference,
-                variance_floor=self.variance_floor,
-            )
-            if self.training and self.track_running_stats:
-                self._update_running(stats, view.shape[0] * view.shape[2])
-            return out
-        norm_mean, norm_var = eval_statistics
-        # A fixed reference near the data: eval output of a sample does not depend on the batch.
-        reference = (log_prior.exp() @ norm_mean).detach()
+        log_prior, mean, var = self._mixture(view.dtype)
+        eval_statistics = self._eval_statistics(view.dtype)
+        if eval_statistics is not None:
+            return self._running_transform(view, log_prior, mean, var, *eval_statistics)
+        reference = view.detach().mean((0, 2))
         coefficients = F.log_joint_coefficients(log_prior, mean, var, reference)
-        return F.mixture_transform(
-            view, reference, *coefficients, norm_mean, norm_var, self.eps, gain, weight, bias
+        return self._batch_transform(
+            view, coefficients, reference, self._gain(log_prior), posterior_grad=True
         )
 
     def _eval_statistics(self, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
@@ -543,49 +579,21 @@ class MixtureNorm(_PositionMixture):
 
     def _normalize(self, view: Tensor) -> Tensor:
         dtype = view.dtype
-        weight, bias = self._affine(dtype)
         if not self.training and self.track_running_stats:
             log_prior = self.running_prior.to(dtype).clamp_min(_TINY_PRIOR).log()
             mean, var = self.running_mean.to(dtype), self.running_var.to(dtype)
-            reference = (self.running_prior.to(dtype) @ mean).detach()
-            coefficients = F.log_joint_coefficients(log_prior, mean, var + self.eps, reference)
-            return F.mixture_transform(
-                view,
-                reference,
-                *coefficients,
-                mean,
-                var,
-                self.eps,
-                self._gain(log_prior),
-                weight,
-                bias,
-            )
+            return self._running_transform(view, log_prior, mean, var + self.eps, mean, var)
         reference = view.detach().mean((0, 2))
         log_prior, mean, var = self._fit_batch(view.detach(), reference)
         # The fit is centred on the reference already.
-        coefficients = F.log_joint_coefficients(
-            log_prior, mean, var + self.eps, torch.zeros_like(reference)
+        zero = torch.zeros_like(reference)
+        coefficients = F.log_joint_coefficients(log_prior, mean, var + self.eps, zero)
+        # None: the batch's own mixture weights give the 1/sqrt(lambda) gain.
+        gain = None if self.prior_scaling else torch.ones_like(log_prior)
+        # The running mixture is where the next batch's EM starts: the first fit replaces it.
+        return self._batch_transform(
+            view, coefficients, reference, gain, posterior_grad=False, restart=True
         )
-        gain = (
-            None
-            if self.prior_scaling
-            else torch.ones(self.num_contexts, dtype=dtype, device=view.device)
-        )
-        out, stats = F.batch_mixture_norm(
-            view,
-            *coefficients,
-            self.eps,
-            gain,
-            weight,
-            bias,
-            posterior_grad=False,
-            reference=reference,
-            variance_floor=self.variance_floor,
-        )
-        if self.training and self.track_running_stats:
-            # The running mixture is where the next batch's EM starts: the first fit replaces it.
-            self._update_running(stats, view.shape[0] * view.shape[2], restart=True)
-        return out
 
     def _fit_batch(self, view: Tensor, reference: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(log lambda (K,), mean - reference (K, C), var (K, C))`` of a GMM fitted to the batch.
