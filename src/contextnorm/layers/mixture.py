@@ -512,7 +512,9 @@ class MixtureNorm(_PositionMixture):
     ``g_k = 1/sqrt(lambda_k)`` (``lambda_k`` the batch's share of posterior mass) when
     ``prior_scaling`` is on. The posterior is treated as a constant: gradients flow through
     the weighted statistics, not through EM. Eval normalises with running estimates of those
-    statistics and weights, under the posterior of the running mixture.
+    statistics and weights, under the posterior of the running mixture; the first training
+    batch's values replace the running estimates (the next batch's EM starts from them), later
+    ones are averaged in at rate ``momentum``.
 
     Args:
         num_features, num_contexts, eps, momentum, affine, track_running_stats, channel_last,
