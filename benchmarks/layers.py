@@ -1,27 +1,26 @@
 """Forward + backward time of the normalization layers relative to ``nn.BatchNorm2d``.
 
-Every layer runs in training mode on one input (default (256, 128, 16, 16) float32) and is
-timed for a forward pass and a backward pass of a fixed upstream gradient (input gradient
-included, as inside a network). A plain per-context loop implementation of CN is measured
-too, as the reference a straightforward implementation would give.
+Every layer runs in training mode and is timed for a forward pass and a backward pass of a
+fixed upstream gradient (input gradient included, as inside a network), on each input shape
+(default: the small feature maps (32, 16, 8, 8) and (128, 64, 8, 8), and (256, 128, 16, 16)).
+Context layers receive ids checked once outside the timing (a :class:`~contextnorm.CheckedContext`,
+as layers inside a model get from ``use_context``). A plain per-context loop implementation of
+CN is measured too, as the reference a straightforward implementation would give; with
+``--compile``, CN, CN-X and CN-E compiled by ``torch.compile`` are measured beside eager.
 
-Shared machines are noisy, so timings are interleaved: each round times every
-configuration once in a fresh random order, each beside a BatchNorm timing of its own, and
-a configuration's ratio is taken against that BatchNorm time; each timing is the fastest of
-a few alternating passes. The report gives, per configuration, the median time over rounds
-and the median and inter-quartile range of the per-round ratio. Results are rewritten after
-every round, so an interrupted run keeps the rounds it finished.
-
-Under load from other jobs, multi-threaded timings of layers built from many small
-operations suffer most (each parallel region waits for a thread that lost its core), so
-default-thread ratios measured on a busy machine overstate their cost; ``--threads 1``
-gives ratios that hold up under load.
+Timing uses ``torch.utils.benchmark`` (which synchronises CUDA itself). Shared machines are
+noisy, so timings are interleaved: each round times every configuration once in a fresh
+random order, each beside a BatchNorm timing of its own, and a configuration's ratio is taken
+against that BatchNorm time; each timing is the fastest of a few alternating passes. The
+report gives, per configuration, the median time over rounds and the median and
+inter-quartile range of the per-round ratio. Results are rewritten after every round, so an
+interrupted run keeps the rounds it finished.
 
 Usage::
 
-    python benchmarks/layers.py                            # full run on the CPU
-    python benchmarks/layers.py --threads 1                # busy machine: ratios robust to load
-    python benchmarks/layers.py --rounds 25 --device cuda
+    python benchmarks/layers.py --threads 1                # CPU, one thread (robust to load)
+    python benchmarks/layers.py --compile --threads 1      # eager and compiled side by side
+    python benchmarks/layers.py --device cuda              # on a GPU
     python benchmarks/layers.py --quick --out /tmp/bench   # smoke test, seconds
 """
 
@@ -44,25 +43,31 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils import benchmark
 
 import contextnorm
 from contextnorm.io import atomic_write_text
 
-DEFAULT_SHAPE = (256, 128, 16, 16)
+SMALL_SHAPE = (32, 16, 8, 8)
+LARGE_SHAPE = (256, 128, 16, 16)
+DEFAULT_SHAPES = (SMALL_SHAPE, (128, 64, 8, 8), LARGE_SHAPE)
 QUICK_SHAPE = (16, 8, 4, 4)
 QUICK_ROUNDS = 2
 QUICK_WARMUP = 1
 QUICK_REPEATS = 1
 CONTEXT_COUNTS = (1, 3, 20, 100, 1000)
 MIXTURE_COUNTS = (3, 8)
+COMPILED_COUNT = 3
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REFERENCE = "BatchNorm2d"
 PAIR_BUDGET_SECONDS = 1.0
+# One timing runs the step this many times, or fewer for slow steps (at least ~10 ms per timing).
+MAX_NUMBER = 50
 
-# Speed goals relative to BatchNorm: CN and CN-X must stay near BatchNorm at any K; ACN, which
-# works per position rather than per sample, is allowed more.
-CONTEXT_TARGET = 1.2
-ACN_TARGET = 4.0
+# Speed goals relative to BatchNorm, by shape: CN, CN-X and CN-E at any K.
+CONTEXT_TARGETS = {SMALL_SHAPE: 1.5, LARGE_SHAPE: 1.2}
+CONTEXT_LAYERS = ("CN", "CN-X", "CN-E")
+ACN_TARGET = 3.0
 ACN_TARGET_COUNT = 3
 
 
@@ -70,17 +75,24 @@ class LoopContextNorm(nn.Module):
     """CN written the obvious way: a Python loop over the contexts present in the batch.
 
     Same function as :class:`contextnorm.ContextNorm` in training (per-context batch mean
-    and biased variance, ``1/sqrt(lambda_k)`` gain, per-context affine, running statistics),
+    and biased variance, per-context affine, running statistics; the ``1/sqrt(lambda_k)``
+    gain with ``prior_scaling``),
     with autograd deriving the backward pass. It is the reference the vectorised layer is
     meant to beat.
     """
 
     def __init__(
-        self, num_features: int, num_contexts: int, eps: float = 1e-5, momentum: float = 0.1
+        self,
+        num_features: int,
+        num_contexts: int,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        prior_scaling: bool = False,
     ) -> None:
         super().__init__()
         self.eps = eps
         self.momentum = momentum
+        self.prior_scaling = prior_scaling
         self.weight = nn.Parameter(torch.ones(num_contexts, num_features))
         self.bias = nn.Parameter(torch.zeros(num_contexts, num_features))
         self.register_buffer("prior", torch.full((num_contexts,), 1.0 / num_contexts))
@@ -99,7 +111,9 @@ class LoopContextNorm(nn.Module):
                 count = members.numel() // members.shape[1]
                 self.running_mean[k].lerp_(mean, self.momentum)
                 self.running_var[k].lerp_(var * count / max(count - 1, 1), self.momentum)
-            scale = torch.rsqrt(var + self.eps) * self.prior[k].rsqrt() * self.weight[k]
+            scale = torch.rsqrt(var + self.eps) * self.weight[k]
+            if self.prior_scaling:
+                scale = scale * self.prior[k].rsqrt()
             shift = self.bias[k] - mean * scale
             pieces.append(members * scale.view(channel_shape) + shift.view(channel_shape))
             rows.append(rows_k)
@@ -112,27 +126,34 @@ class Configuration:
 
     layer: str
     num_contexts: int | None
-    module: nn.Module
-    extra_inputs: tuple[Tensor, ...] = ()
+    module: nn.Module | Callable[..., Tensor]
+    extra_inputs: tuple[object, ...] = ()
     target: float | None = None
     seconds: list[float] = field(default_factory=list)
     ratios: list[float] = field(default_factory=list)
 
 
 def build_configurations(
-    channels: int, batch: int, device: torch.device, seed: int
+    channels: int,
+    batch: int,
+    device: torch.device,
+    seed: int,
+    shape: Sequence[int] | None = None,
+    compiled: bool = False,
 ) -> list[Configuration]:
-    """Every configuration of the benchmark, BatchNorm first."""
+    """Every configuration of the benchmark for one input shape, BatchNorm first."""
     generator = torch.Generator().manual_seed(seed)
+    target = CONTEXT_TARGETS.get(tuple(shape)) if shape is not None else None
 
-    def random_ids(num_contexts: int) -> Tensor:
-        return torch.randint(num_contexts, (batch,), generator=generator).to(device)
+    def random_ids(num_contexts: int) -> contextnorm.CheckedContext:
+        ids = torch.randint(num_contexts, (batch,), generator=generator).to(device)
+        return contextnorm.check_context(ids, num_contexts)
 
-    context_layers: dict[str, tuple[Callable[[int], nn.Module], float | None]] = {
-        "CN": (lambda k: contextnorm.ContextNorm(channels, k), CONTEXT_TARGET),
-        "CN-X": (lambda k: contextnorm.ContextNormX(channels, k), CONTEXT_TARGET),
-        "CN-E": (lambda k: contextnorm.ContextNormE(channels, k), None),
-        "CN (loop)": (lambda k: LoopContextNorm(channels, k), None),
+    context_layers: dict[str, Callable[[int], nn.Module]] = {
+        "CN": lambda k: contextnorm.ContextNorm(channels, k),
+        "CN-X": lambda k: contextnorm.ContextNormX(channels, k),
+        "CN-E": lambda k: contextnorm.ContextNormE(channels, k),
+        "CN (loop)": lambda k: LoopContextNorm(channels, k),
     }
     mixture_layers: dict[str, Callable[[int], nn.Module]] = {
         "ACN (momentum)": lambda k: contextnorm.AdaptiveContextNorm(channels, k, update="momentum"),
@@ -141,31 +162,55 @@ def build_configurations(
         "ModeNorm": lambda k: contextnorm.ModeNorm(channels, k),
     }
     configurations = [Configuration(REFERENCE, None, nn.BatchNorm2d(channels))]
-    for name, (build, target) in context_layers.items():
+    for name, build in context_layers.items():
         for k in CONTEXT_COUNTS:
-            configurations.append(Configuration(name, k, build(k), (random_ids(k),), target))
+            ids = random_ids(k)
+            if name in CONTEXT_LAYERS:
+                configurations.append(Configuration(name, k, build(k), (ids,), target))
+            else:
+                configurations.append(Configuration(name, k, build(k), (ids.value,)))
+    if compiled:
+        # Each compiled layer adds an entry to the cache of the one forward they share; a model
+        # compiled as a whole inlines its layers instead.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for name in CONTEXT_LAYERS:
+            module = context_layers[name](COMPILED_COUNT)
+            module.validate_context = False  # the ids are checked once, outside the graph
+            step = torch.compile(module.to(device).train(), fullgraph=True)
+            ids = random_ids(COMPILED_COUNT).value
+            configurations.append(Configuration(f"{name} (compiled)", COMPILED_COUNT, step, (ids,)))
     for name, build in mixture_layers.items():
         for k in MIXTURE_COUNTS:
-            target = ACN_TARGET if name.startswith("ACN") and k == ACN_TARGET_COUNT else None
-            configurations.append(Configuration(name, k, build(k), (), target))
+            goal = ACN_TARGET if name.startswith("ACN") and k == ACN_TARGET_COUNT else None
+            configurations.append(Configuration(name, k, build(k), (), goal))
     configurations.append(Configuration("SwitchNorm", None, contextnorm.SwitchNorm(channels)))
     for configuration in configurations:
-        configuration.module.to(device).train()
+        if isinstance(configuration.module, nn.Module):
+            configuration.module.to(device).train()
     return configurations
 
 
-def time_forward_backward(
-    configuration: Configuration, x: Tensor, upstream: Tensor, synchronize: Callable[[], None]
-) -> float:
-    """Seconds for one forward and backward pass; gradients are cleared first so none accumulate."""
-    x.grad = None
-    configuration.module.zero_grad(set_to_none=True)
-    synchronize()
-    start = time.perf_counter()
-    output = configuration.module(x, *configuration.extra_inputs)
-    output.backward(upstream)
-    synchronize()
-    return time.perf_counter() - start
+def timing(configuration: Configuration, x: Tensor, upstream: Tensor, number: int) -> float:
+    """Seconds per forward and backward pass, by ``torch.utils.benchmark`` (CUDA synchronised)."""
+    module = configuration.module
+
+    def step() -> None:
+        x.grad = None
+        if isinstance(module, nn.Module):
+            module.zero_grad(set_to_none=True)
+        module(x, *configuration.extra_inputs).backward(upstream)
+
+    timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
+    return timer.timeit(number).mean
+
+
+def calibrate(configurations: Sequence[Configuration], x: Tensor, upstream: Tensor) -> dict[int, int]:
+    """Passes per timing for each configuration: about 10 ms of work, at most ``MAX_NUMBER``."""
+    numbers = {}
+    for c in configurations:
+        seconds = timing(c, x, upstream, 1)
+        numbers[id(c)] = max(1, min(MAX_NUMBER, int(0.01 / max(seconds, 1e-6))))
+    return numbers
 
 
 def time_pair(
@@ -173,7 +218,7 @@ def time_pair(
     configuration: Configuration,
     x: Tensor,
     upstream: Tensor,
-    synchronize: Callable[[], None],
+    numbers: dict[int, int],
     order: random.Random,
     repeats: int,
 ) -> tuple[float, float]:
@@ -181,8 +226,7 @@ def time_pair(
 
     Interference from other jobs only ever adds time, so the fastest of a few passes is the
     least disturbed estimate. Passes stop after ``repeats`` or once the pair has used
-    ``PAIR_BUDGET_SECONDS``, so slow configurations (the loop at large K) get one. Which of
-    the two runs first is drawn at random, since the second finds the input warmer in cache.
+    ``PAIR_BUDGET_SECONDS``. Which of the two runs first is drawn at random.
     """
     pair = [reference, configuration]
     order.shuffle(pair)
@@ -190,7 +234,7 @@ def time_pair(
     started = time.perf_counter()
     for _ in range(repeats):
         for c in pair:
-            fastest[id(c)] = min(fastest[id(c)], time_forward_backward(c, x, upstream, synchronize))
+            fastest[id(c)] = min(fastest[id(c)], timing(c, x, upstream, numbers[id(c)]))
         if time.perf_counter() - started > PAIR_BUDGET_SECONDS:
             break
     return fastest[id(configuration)], fastest[id(reference)]
@@ -201,22 +245,14 @@ def run_round(
     configurations: list[Configuration],
     x: Tensor,
     upstream: Tensor,
-    synchronize: Callable[[], None],
+    numbers: dict[int, int],
     order: random.Random,
     repeats: int,
 ) -> list[tuple[Configuration, float, float]]:
-    """Time every configuration once in a shuffled order, each beside its own BatchNorm timing.
-
-    Returns ``(configuration, its seconds, BatchNorm's seconds)`` per configuration. A round
-    lasts tens of seconds, over which the load of a shared machine drifts, so a single
-    BatchNorm timing per round would compare configurations against a different machine; a
-    BatchNorm timing taken right beside each one does not.
-    """
+    """Time every configuration once in a shuffled order, each beside its own BatchNorm timing."""
     shuffled = list(configurations)
     order.shuffle(shuffled)
-    return [
-        (c, *time_pair(reference, c, x, upstream, synchronize, order, repeats)) for c in shuffled
-    ]
+    return [(c, *time_pair(reference, c, x, upstream, numbers, order, repeats)) for c in shuffled]
 
 
 def record_round(
@@ -233,6 +269,7 @@ def record_round(
 class Summary:
     """A configuration's result over the measured rounds."""
 
+    shape: tuple[int, ...]
     layer: str
     num_contexts: int | None
     median_ms: float
@@ -246,13 +283,14 @@ class Summary:
         return None if self.target is None else self.ratio_median <= self.target
 
 
-def summarize(configuration: Configuration) -> Summary:
+def summarize(configuration: Configuration, shape: Sequence[int]) -> Summary:
     ratios = configuration.ratios
     if len(ratios) > 1:
         q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
     else:
         q1 = q3 = ratios[0]
     return Summary(
+        shape=tuple(shape),
         layer=configuration.layer,
         num_contexts=configuration.num_contexts,
         median_ms=1e3 * statistics.median(configuration.seconds),
@@ -294,7 +332,6 @@ def _format_met(met: bool | None) -> str:
 def markdown_report(
     summaries: list[Summary],
     machine: dict[str, str],
-    shape: Sequence[int],
     device: torch.device,
     rounds_done: int,
     rounds: int,
@@ -309,64 +346,55 @@ def markdown_report(
         f"- torch {machine['torch']}, {machine['date']}",
         (
             "- Machine load (this run included): 1-minute load average "
-            f"{min(load):.1f}-{max(load):.1f} over the rounds, on {os.cpu_count()} logical CPUs"
+            f"{min(load):.1f}-{max(load):.1f} over the rounds, on {os.cpu_count()} logical CPUs; "
+            "a load above the CPU count means other jobs shared the machine"
         ),
-        (
-            f"- Input {tuple(shape)} float32, training mode; rounds: {rounds_done} of {rounds} "
-            f"measured after {warmup} warm-up"
-        ),
+        f"- float32, training mode; rounds: {rounds_done} of {rounds} measured after {warmup} warm-up",
         (
             "- Each round times every configuration once in a shuffled order, each beside its own "
             f"BatchNorm2d timing: up to {repeats} alternating passes of the two (fewer once the "
-            f"pair has used {PAIR_BUDGET_SECONDS:g} s), the fastest of each kept. The ratio is the "
-            "configuration's time over that BatchNorm2d time. Reported: median over rounds and "
-            "IQR (25th-75th percentile) of the ratio; BatchNorm2d's ms is the median of all its "
-            "timings."
+            f"pair has used {PAIR_BUDGET_SECONDS:g} s), each pass a torch.utils.benchmark timing of "
+            "about 10 ms of steps, the fastest of each kept. The ratio is the configuration's time "
+            "over that BatchNorm2d time. Reported: median over rounds and IQR (25th-75th "
+            "percentile) of the ratio; BatchNorm2d's ms is the median of all its timings."
         ),
         (
-            "- Context ids are uniform at random over K; CN (loop) is a per-context Python loop "
-            "with autograd, the straightforward implementation."
+            "- Context ids are uniform at random over K, checked once before timing; CN (loop) is a "
+            "per-context Python loop with autograd, the straightforward implementation; "
+            "(compiled): torch.compile(fullgraph=True) of the layer, inductor backend."
         ),
-        "",
-        "| layer | K | median ms | ratio vs BN (median) | ratio IQR | target | met |",
-        "|---|---:|---:|---:|---:|---:|---|",
     ]
-    for s in summaries:
-        target = "-" if s.target is None else f"<= {s.target:g}x"
-        lines.append(
-            f"| {s.layer} | {_format_k(s.num_contexts)} | {s.median_ms:.2f} | "
-            f"{s.ratio_median:.2f}x | "
-            f"{s.ratio_q1:.2f}-{s.ratio_q3:.2f} | {target} | {_format_met(s.met)} |"
-        )
+    for shape in dict.fromkeys(s.shape for s in summaries):
+        lines += [
+            "",
+            f"## Input {shape}",
+            "",
+            "| layer | K | median ms | ratio vs BN (median) | ratio IQR | target | met |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for s in summaries:
+            if s.shape != shape:
+                continue
+            target = "-" if s.target is None else f"<= {s.target:g}x"
+            lines.append(
+                f"| {s.layer} | {_format_k(s.num_contexts)} | {s.median_ms:.3f} | "
+                f"{s.ratio_median:.2f}x | "
+                f"{s.ratio_q1:.2f}-{s.ratio_q3:.2f} | {target} | {_format_met(s.met)} |"
+            )
     return "\n".join(lines) + "\n"
 
 
-def csv_report(
-    summaries: list[Summary], machine: dict[str, str], shape: Sequence[int], device: torch.device
-) -> str:
+def csv_report(summaries: list[Summary], machine: dict[str, str], device: torch.device) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(
-        [
-            "layer",
-            "K",
-            "median_ms",
-            "ratio_median",
-            "ratio_q1",
-            "ratio_q3",
-            "target",
-            "met",
-            "device",
-            "machine",
-            "threads",
-            "torch",
-            "date",
-            "shape",
-        ]
+        ["shape", "layer", "K", "median_ms", "ratio_median", "ratio_q1", "ratio_q3", "target", "met",
+         "device", "machine", "threads", "torch", "date"]
     )
     for s in summaries:
         writer.writerow(
             [
+                "x".join(map(str, s.shape)),
                 s.layer,
                 "" if s.num_contexts is None else s.num_contexts,
                 f"{s.median_ms:.4f}",
@@ -380,7 +408,6 @@ def csv_report(
                 machine["threads"],
                 machine["torch"],
                 machine["date"],
-                "x".join(map(str, shape)),
             ]
         )
     return buffer.getvalue()
@@ -416,9 +443,7 @@ def non_negative_int(text: str) -> int:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--rounds", type=positive_int, default=15, help="measured rounds (default 15)"
-    )
+    parser.add_argument("--rounds", type=positive_int, default=7, help="measured rounds (default 7)")
     parser.add_argument(
         "--repeats",
         type=positive_int,
@@ -427,15 +452,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         f"kept; fewer once the pair has used {PAIR_BUDGET_SECONDS:g} s (default 3)",
     )
     parser.add_argument(
-        "--warmup", type=non_negative_int, default=3, help="discarded rounds first (default 3)"
+        "--warmup", type=non_negative_int, default=1, help="discarded rounds first (default 1)"
     )
     parser.add_argument(
         "--shape",
         type=parse_shape,
-        default=DEFAULT_SHAPE,
-        help="input N,C,H,W (default 256,128,16,16)",
+        action="append",
+        dest="shapes",
+        help="input N,C,H,W; repeat for several (default: 32,16,8,8 128,64,8,8 256,128,16,16)",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--compile", action="store_true", help=f"also time CN, CN-X, CN-E (K={COMPILED_COUNT}) compiled"
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -460,57 +489,53 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available; use --device cpu")
     if args.quick:
-        args.shape, args.rounds, args.warmup = QUICK_SHAPE, QUICK_ROUNDS, QUICK_WARMUP
+        args.shapes, args.rounds, args.warmup = [QUICK_SHAPE], QUICK_ROUNDS, QUICK_WARMUP
         args.repeats = QUICK_REPEATS
+    args.shapes = args.shapes or list(DEFAULT_SHAPES)
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> list[Summary]:
     """Run the benchmark, write ``layers_<device>.md`` and ``.csv`` into ``--out``, print the table.
 
-    Returns the summaries, BatchNorm2d first.
+    Returns the summaries, per shape BatchNorm2d first.
     """
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(args.seed)
-    batch, channels = args.shape[:2]
-    reference, *configurations = build_configurations(channels, batch, device, args.seed)
-    x = torch.randn(args.shape, device=device, requires_grad=True)
-    upstream = torch.randn(args.shape, device=device)
     order = random.Random(args.seed)
     machine = machine_description(device)
     stem = f"layers_{device.type}" + ("" if args.threads is None else f"_threads{args.threads}")
-    markdown_path = args.out / f"{stem}.md"
-    csv_path = args.out / f"{stem}.csv"
+    setups = []
+    for shape in args.shapes:
+        reference, *configurations = build_configurations(
+            shape[1], shape[0], device, args.seed, shape, args.compile
+        )
+        x = torch.randn(shape, device=device, requires_grad=True)
+        upstream = torch.randn(shape, device=device)
+        numbers = calibrate([reference, *configurations], x, upstream)
+        setups.append((shape, reference, configurations, x, upstream, numbers))
 
     for _ in range(args.warmup):
-        run_round(reference, configurations, x, upstream, synchronize, order, args.repeats)
+        for _, reference, configurations, x, upstream, numbers in setups:
+            run_round(reference, configurations, x, upstream, numbers, order, args.repeats)
     summaries: list[Summary] = []
     load = []
     for done in range(1, args.rounds + 1):
         started = time.perf_counter()
         load.append(os.getloadavg()[0])
-        measurements = run_round(
-            reference, configurations, x, upstream, synchronize, order, args.repeats
-        )
-        record_round(reference, measurements)
-        summaries = [summarize(c) for c in (reference, *configurations)]
+        summaries = []
+        for shape, reference, configurations, x, upstream, numbers in setups:
+            measurements = run_round(reference, configurations, x, upstream, numbers, order, args.repeats)
+            record_round(reference, measurements)
+            summaries += [summarize(c, shape) for c in (reference, *configurations)]
         report = markdown_report(
-            summaries,
-            machine,
-            args.shape,
-            device,
-            done,
-            args.rounds,
-            args.warmup,
-            args.repeats,
-            load,
+            summaries, machine, device, done, args.rounds, args.warmup, args.repeats, load
         )
-        atomic_write_text(markdown_path, report)
-        atomic_write_text(csv_path, csv_report(summaries, machine, args.shape, device))
+        atomic_write_text(args.out / f"{stem}.md", report)
+        atomic_write_text(args.out / f"{stem}.csv", csv_report(summaries, machine, device))
         print(
             f"round {done}/{args.rounds}: {time.perf_counter() - started:.1f} s",
             file=sys.stderr,

@@ -28,6 +28,15 @@ def layers_script():
         del sys.modules[spec.name]
 
 
+def test_targets_apply_to_the_context_layers_on_the_small_and_large_shapes(layers_script):
+    configurations = layers_script.build_configurations(
+        16, 32, torch.device("cpu"), 0, layers_script.SMALL_SHAPE
+    )
+    targeted = {c.layer for c in configurations if c.target is not None}
+    assert targeted == {"CN", "CN-X", "CN-E", "ACN (momentum)", "ACN (gradient)"}
+    assert {c.target for c in configurations if c.layer == "CN"} == {1.5}
+
+
 def test_quick_run_writes_a_row_per_configuration(layers_script, tmp_path):
     # One thread: on a loaded machine, two threads make the many small operations crawl.
     threads = torch.get_num_threads()
@@ -49,7 +58,8 @@ def test_quick_run_writes_a_row_per_configuration(layers_script, tmp_path):
     reference = next(row for row in rows if row["layer"] == layers_script.REFERENCE)
     assert float(reference["ratio_median"]) == 1.0
     assert all(float(row["median_ms"]) > 0 for row in rows)
-    assert all(row["met"] in ("yes", "no") for row in rows if row["layer"] in ("CN", "CN-X"))
+    assert all(row["met"] in ("yes", "no") for row in rows if row["target"])
+    assert {row["shape"] for row in rows} == {"x".join(map(str, layers_script.QUICK_SHAPE))}
 
     table_rows = [
         line
@@ -66,8 +76,8 @@ def test_loop_reference_computes_context_norm(layers_script):
     context = torch.tensor([0, 0, 1, 1, 1, 3, 3, 0, 1, 3, 3, 0])
     upstream = torch.randn_like(x)
     layers = [
-        contextnorm.ContextNorm(channels, num_contexts),
-        layers_script.LoopContextNorm(channels, num_contexts),
+        contextnorm.ContextNorm(channels, num_contexts, prior_scaling=True),
+        layers_script.LoopContextNorm(channels, num_contexts, prior_scaling=True),
     ]
     with torch.no_grad():
         for layer in layers:
@@ -94,3 +104,17 @@ def test_malformed_shape_is_rejected_naming_the_expected_form(layers_script, cap
     with pytest.raises(SystemExit):
         layers_script.main(["--shape", "256,128"])
     assert "--shape must be four positive integers N,C,H,W" in capsys.readouterr().err
+
+
+def test_training_step_quick_run_writes_a_row_per_model_and_norm(tmp_path):
+    spec = importlib.util.spec_from_file_location("training_step_benchmark", SCRIPT.parent / "training_step.py")
+    module = importlib.util.module_from_spec(spec)
+    threads = torch.get_num_threads()
+    try:
+        spec.loader.exec_module(module)
+        ratios = module.main(["--quick", "--threads", "1", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert set(ratios) == {(model, method) for model in module.MODELS for method in module.METHODS}
+    rows = [line for line in (tmp_path / "training_step_cpu_threads1.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(rows) == len(ratios) + 1

@@ -90,7 +90,7 @@ def test_repeated_method_rows_need_distinct_labels() -> None:
         ({"train": {"epochs": True}}, "train.epochs must be an integer"),
         ({"train": {"epochs": 0}}, "train.epochs must be a positive integer"),
         ({"train": {"lr": 0}}, "train.lr must be positive"),
-        ({"train": {"optimizer": "adam"}}, "train.optimizer must be one of adamw, sgd"),
+        ({"train": {"optimizer": "lamb"}}, "train.optimizer must be one of adamw, adam, sgd"),
         (
             {"train": {"schedule": "step"}},
             "train.schedule must be one of constant, multistep, cosine",
@@ -177,3 +177,30 @@ def test_config_round_trips_through_yaml() -> None:
     config = load_config("demo", ["methods=[bn, {name: cn, label: x, options: {momentum: 0.2}}]"])
     assert parse_config(yaml.safe_load(dump_config(config))) == config
     assert parse_config(config_to_dict(config)) == config
+
+
+def test_numbers_in_scientific_notation_are_read_in_files_and_overrides(tmp_path) -> None:
+    path = tmp_path / "experiment.yaml"
+    path.write_text(
+        "train: {lr: 1e-3, weight_decay: 5E-4, epochs: 1e1}\n"
+        "data: {train_samples: 2.5e3}\n"
+        "methods: [{name: cn, options: {eps: 1e-5}}]\n",
+        encoding="utf-8",
+    )
+    config = load_config(path, ["train.momentum=9e-1", "contexts.num_contexts=4e0"])
+    assert (config.train.lr, config.train.weight_decay, config.train.momentum) == (1e-3, 5e-4, 0.9)
+    assert config.train.epochs == 10 and isinstance(config.train.epochs, int)
+    assert config.data.train_samples == 2500 and config.contexts.num_contexts == 4
+    assert config.methods[0].options == {"eps": 1e-5}
+    # A fraction where a whole number is needed is still refused, naming the key.
+    with pytest.raises(ConfigError, match=r"train.epochs must be an integer; got 2.5"):
+        load_config(path, ["train.epochs=2.5e0"])
+    # Words that merely contain an 'e' stay words.
+    assert load_config(path, ["name=1e3x"]).name == "1e3x"
+
+
+def test_report_baseline_must_be_one_of_the_methods() -> None:
+    assert parse_config({"methods": ["bn", "cn"]}).baseline == "bn"
+    assert parse_config({"methods": ["bn", "cn"], "report": {"baseline": "cn"}}).baseline == "cn"
+    with pytest.raises(ConfigError, match=r"report.baseline must be the label of one of"):
+        parse_config({"methods": ["bn", "cn"], "report": {"baseline": "ln"}})

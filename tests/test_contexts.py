@@ -11,7 +11,7 @@ from sklearn.neural_network import MLPClassifier
 
 from contextnorm.contexts import (
     CIFAR10_VEHICLES_ANIMALS,
-    CONTEXT_KINDS,
+    CONTEXTS,
     ContextBuilder,
     ContextPredictor,
     DomainContexts,
@@ -22,6 +22,7 @@ from contextnorm.contexts import (
     label_derived,
 )
 from contextnorm.data import ImageData, load_dataset
+from contextnorm.tasks.data import context_names
 
 
 @pytest.fixture(scope="module")
@@ -160,11 +161,23 @@ def test_domain_contexts(digits_train, digits_test) -> None:
         builder.assign(ten_class_data())
 
 
+def test_class_contexts_are_the_labels(digits_train, digits_test) -> None:
+    builder = build_contexts("class", None, digits_train)
+    assert builder.num_contexts == 10
+    assert torch.equal(builder.assign(digits_test), digits_test.labels)
+    assert context_names("class", digits_train, 10) == digits_train.classes
+    with pytest.raises(ValueError, match="has 10 'class' contexts"):
+        build_contexts("class", 3, digits_train)
+    one_class = ImageData(digits_test.images[:4], torch.zeros(4, dtype=torch.int64), ["0"])
+    with pytest.raises(ValueError, match="fitted on 10"):
+        builder.assign(one_class)
+
+
 # --- factory and flags ----------------------------------------------------------------------------
 
 
 def test_factory_checks_kind_and_count(digits_train) -> None:
-    assert CONTEXT_KINDS == ("kmeans", "gmm", "superclass", "domain")
+    assert list(CONTEXTS) == ["kmeans", "gmm", "superclass", "class", "domain", "random"]
     assert isinstance(build_contexts("gmm", 3, digits_train, seed=1, features="pca"), GMMContexts)
     with pytest.raises(ValueError, match="num_contexts is required"):
         build_contexts("kmeans", None, digits_train)
@@ -175,7 +188,7 @@ def test_factory_checks_kind_and_count(digits_train) -> None:
 
 
 def test_label_derived() -> None:
-    assert [label_derived(kind) for kind in CONTEXT_KINDS] == [False, False, True, False]
+    assert [label_derived(kind) for kind in CONTEXTS] == [False, False, True, True, False, False]
     with pytest.raises(ValueError, match="unknown context kind"):
         label_derived("oracle")
 
@@ -218,3 +231,42 @@ def test_context_predictor_rejects_bad_targets(digits_train) -> None:
         ContextPredictor().fit(digits_train, torch.zeros(len(digits_train), dtype=torch.int64))
     with pytest.raises(RuntimeError, match="before fit"):
         ContextPredictor().predict(digits_train)
+
+
+# --- random contexts: the ablation ----------------------------------------------------------------
+
+
+def test_random_contexts_keep_k_and_group_sizes_but_carry_no_information(
+    digits_train, digits_test
+) -> None:
+    builder = build_contexts("random", None, digits_train, seed=1, like="domain")
+    assert builder.num_contexts == 2
+    for data in (digits_train, digits_test):
+        contexts = builder.assign(data)
+        assert torch.equal(torch.bincount(contexts), torch.bincount(data.domains))
+        assert torch.equal(builder.assign(data), contexts), "fixed per sample"
+        # Half of the samples keep their domain by chance alone.
+        assert 0.4 < (contexts == data.domains).float().mean() < 0.6
+    redrawn = build_contexts("random", None, digits_train, seed=2, like="domain")
+    assert not torch.equal(redrawn.assign(digits_train), builder.assign(digits_train))
+
+    clusters = {"kind": "kmeans", "num_contexts": 4, "options": {"features": "pca"}}
+    like_kmeans = build_contexts("random", None, digits_train, seed=0, like=clusters)
+    reference = build_contexts("kmeans", 4, digits_train, seed=0, features="pca")
+    assert torch.equal(
+        torch.bincount(like_kmeans.assign(digits_test), minlength=4),
+        torch.bincount(reference.assign(digits_test), minlength=4),
+    )
+    single = build_contexts("random", 1, digits_train, like="domain")
+    assert single.assign(digits_test).unique().tolist() == [0]
+    equal = torch.bincount(build_contexts("random", 3, digits_train).assign(digits_train))
+    assert equal.max() - equal.min() <= 1
+
+
+def test_random_contexts_explain_what_they_need(digits_train) -> None:
+    with pytest.raises(ValueError, match="random contexts need num_contexts"):
+        build_contexts("random", None, digits_train)
+    with pytest.raises(ValueError, match="other than 'random'"):
+        build_contexts("random", None, digits_train, like="random")
+    with pytest.raises(ValueError, match="mapping with keys kind, num_contexts and options"):
+        build_contexts("random", None, digits_train, like={"kinds": "gmm"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import pickle
 import re
 import tarfile
@@ -16,7 +17,9 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from contextnorm.cli import main
 from contextnorm.data import DATASETS, ImageData, default_data_root, load_dataset
+from contextnorm.data.decode import cache_entries, cache_folder, clear_cache
 from contextnorm.data.files import RemoteFile, ensure_files, fetch
 
 SHARED_MNIST = Path("/work/shared/data/mnist")
@@ -162,7 +165,7 @@ def test_unknown_name_split_and_image_size_list_the_valid_ones() -> None:
         load_dataset("digits", None, "val")
     with pytest.raises(ValueError, match="image_size"):
         load_dataset("digits", None, image_size=0)
-    assert DATASETS == (
+    assert tuple(DATASETS) == (
         "digits",
         "mnist",
         "cifar10",
@@ -451,7 +454,7 @@ def test_image_folder_flat_mixed_colour_and_sizes(tmp_path: Path) -> None:
         4,
     )  # greyscale repeated to RGB because one image has colour
     assert torch.equal(data.images[0, 0], data.images[0, 1])
-    with pytest.raises(ValueError, match="one split only"):
+    with pytest.raises(ValueError, match="holds a training split only; put the images in"):
         load_dataset("image-folder", tmp_path, "test")
     with pytest.raises(ValueError, match="needs root"):
         load_dataset("image-folder", None)
@@ -476,3 +479,96 @@ def test_decoded_images_are_cached_and_refreshed_when_files_change(
         load_dataset("image-folder", tmp_path).images[0],
         torch.from_numpy(replacement).permute(2, 0, 1),
     )
+
+
+def test_the_cache_keeps_under_its_limit_dropping_the_least_recently_used(
+    tmp_path: Path, private_data_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(10)
+    for name in ("a", "b", "c"):
+        write_image(tmp_path / name / "x" / "1.png", random_pixels(rng, 64, 64, 3))
+    # Each decoded set takes 3 x 64 x 64 bytes and a file header; room for two of them.
+    monkeypatch.setenv("CONTEXTNORM_CACHE_GB", str(2.5 * 3 * 64 * 64 / 1024**3))
+    load_dataset("image-folder", tmp_path / "a")
+    load_dataset("image-folder", tmp_path / "b")
+    first, second = cache_entries()
+    # Using the first set again makes the second the least recently used one.
+    os.utime(second.path, (first.last_used - 10, first.last_used - 10))
+    load_dataset("image-folder", tmp_path / "a")
+    load_dataset("image-folder", tmp_path / "c")
+    kept = {entry.path for entry in cache_entries()}
+    assert len(kept) == 2 and first.path in kept and second.path not in kept
+    assert cache_folder() == private_data_root / "decoded"
+
+    monkeypatch.setenv("CONTEXTNORM_CACHE_GB", "0")
+    load_dataset("image-folder", tmp_path / "b")  # larger than the limit: decoded, not cached
+    assert {entry.path for entry in cache_entries()} == kept
+    assert len(clear_cache()) == 2 and cache_entries() == []
+
+
+def test_cache_command_shows_the_folder_and_clears_it(
+    tmp_path: Path, private_data_root: Path, capsys: pytest.CaptureFixture
+) -> None:
+    write_image(tmp_path / "x" / "1.png", random_pixels(np.random.default_rng(11), 4, 4))
+    load_dataset("image-folder", tmp_path)
+    assert main(["cache"]) == 0
+    output = capsys.readouterr().out
+    assert str(private_data_root / "decoded") in output and "holds 1 file(s)" in output
+    assert main(["cache", "--clear"]) == 0
+    assert "deleted 1 file(s)" in capsys.readouterr().out
+    assert cache_entries() == []
+
+
+def write_domain_folder(root: Path, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """train/ and test/ with two classes; each image's domain ("bright" or "dark") in a CSV."""
+    rows = []
+    for split in ("train", "test"):
+        for label in ("cat", "dog"):
+            for index in range(3):
+                domain = "dark" if index % 2 else "bright"
+                relative = f"{split}/{label}/{index}.png"
+                write_image(root / relative, random_pixels(rng, 4, 4))
+                rows.append((relative, domain))
+    return rows
+
+
+def test_image_folder_domains_from_a_csv_file(tmp_path: Path) -> None:
+    rows = write_domain_folder(tmp_path, np.random.default_rng(12))
+    table = "Path,Domain\n" + "".join(f"{path},{domain}\n" for path, domain in reversed(rows))
+    (tmp_path / "domains.csv").write_text(table)
+    train = load_dataset("image-folder", tmp_path, "train", domains="domains.csv")
+    assert train.domain_names == ["bright", "dark"]
+    assert train.domains.tolist() == [0, 1, 0, 0, 1, 0]
+    test = load_dataset("image-folder", tmp_path, "test", domains=str(tmp_path / "domains.csv"))
+    assert test.domain_names == train.domain_names and len(test.domains) == 6
+
+    (tmp_path / "ids.csv").write_text(
+        "path,context\n" + "".join(f"{path},{int(domain == 'dark')}\n" for path, domain in rows)
+    )
+    with_ids = load_dataset("image-folder", tmp_path, "train", domains="ids.csv")
+    assert with_ids.domain_names == ["domain 0", "domain 1"]
+    assert torch.equal(with_ids.domains, train.domains)
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ("file,domain\ntrain/cat/0.png,a\n", "header row naming a 'path' column"),
+        (
+            "path,domain\ntrain/cat/0.png,a\n",
+            r"no domain for 5 of the 6 images, e.g. \['train/cat/1",
+        ),
+        ("path,domain\ntrain/cat/0.png,\n", "line 2: the path or the domain is empty"),
+    ],
+)
+def test_image_folder_domains_file_mistakes_are_named(
+    tmp_path: Path, table: str, message: str
+) -> None:
+    write_domain_folder(tmp_path / "images", np.random.default_rng(13))
+    (tmp_path / "images" / "domains.csv").write_text(table)
+    with pytest.raises(ValueError, match=message):
+        load_dataset("image-folder", tmp_path / "images", domains="domains.csv")
+    with pytest.raises(FileNotFoundError, match="domains file .* does not exist"):
+        load_dataset("image-folder", tmp_path / "images", domains="absent.csv")
+    with pytest.raises(ValueError, match="has no option 'domain'; its options: domains"):
+        load_dataset("image-folder", tmp_path / "images", domain="domains.csv")

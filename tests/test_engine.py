@@ -6,47 +6,25 @@ import csv
 import json
 import math
 import statistics
-from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 import contextnorm as cn
-from contextnorm.config import ConfigError, ExperimentConfig, apply_overrides, parse_config
-from contextnorm.experiments import (
-    check_contexts,
-    load_results,
-    prepare_experiment,
-    run_experiment,
-)
+from contextnorm.config import ConfigError, ExperimentConfig
+from contextnorm.methods import METHODS, BatchNorm
 from contextnorm.metrics import summarize
-from contextnorm.training import METHODS, BatchNorm, BatchPreprocess, channel_statistics
+from contextnorm.runner import load_results, prepare_experiment, run_experiment
+from contextnorm.tasks.data import check_contexts
+from contextnorm.tasks.preprocess import BatchPreprocess, channel_statistics
+
+from tiny import tiny_config
 
 # Digits below 5 form superclass 0, the others superclass 1: a label-derived context.
 LOW_HIGH_DIGITS = "{0: 0, 1: 0, 2: 0, 3: 0, 4: 0, 5: 1, 6: 1, 7: 1, 8: 1, 9: 1}"
-
-
-def tiny_config(tmp_path: Path, *overrides: str) -> ExperimentConfig:
-    """A config that trains in about a second per run: digits, a narrow Shallow CNN, one epoch."""
-    base = [
-        "name=tiny",
-        f"output_dir={tmp_path / 'results'}",
-        "data.name=digits",
-        "contexts.kind=domain",
-        "model.name=shallow_cnn",
-        "model.options.widths=[4, 8, 8, 8]",
-        "methods=[bn, cn]",
-        "train.epochs=1",
-        "train.batch_size=64",
-        "train.seeds=[0]",
-        "train.schedule=constant",
-        "train.progress=none",
-        "train.cpu_threads=1",
-        "train.accelerator=cpu",
-        "plots.enabled=false",
-    ]
-    return parse_config(apply_overrides({}, [*base, *overrides]))
 
 
 def read_result(config: ExperimentConfig, method: str, seed: int) -> dict:
@@ -59,6 +37,9 @@ def read_result(config: ExperimentConfig, method: str, seed: int) -> dict:
 
 class _FixedContexts:
     """A context builder that assigns the same given column to every split."""
+
+    title = "fixed context"
+    description = "a fixed column"
 
     def __init__(self, column: torch.Tensor, num_contexts: int) -> None:
         self.column = column
@@ -86,7 +67,7 @@ def test_a_bad_context_column_fails_before_training(tmp_path, monkeypatch, colum
         ids = column if column is not None else torch.full((len(train),), 2, dtype=torch.int64)
         return _FixedContexts(ids, 2)
 
-    monkeypatch.setattr("contextnorm.experiments.prepare.build_contexts", fake_build_contexts)
+    monkeypatch.setattr("contextnorm.tasks.data.build_contexts", fake_build_contexts)
     with pytest.raises(ConfigError, match=message):
         run_experiment(config)
     assert not config.results_dir.exists()
@@ -137,6 +118,18 @@ def test_config_mistakes_fail_before_training(tmp_path, overrides, message) -> N
 def test_a_missing_data_set_reports_the_loader_message(tmp_path) -> None:
     config = tiny_config(tmp_path, "data.name=mnist", f"data.root={tmp_path / 'empty'}")
     with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+        run_experiment(config)
+    assert not config.results_dir.exists()
+
+
+def test_train_and_test_splits_with_different_classes_are_refused(tmp_path) -> None:
+    pixels = np.zeros((4, 4), dtype=np.uint8)
+    for split, classes in (("train", ("cat", "dog", "owl")), ("test", ("cat", "dog"))):
+        for name in classes:
+            (tmp_path / "images" / split / name).mkdir(parents=True)
+            Image.fromarray(pixels).save(tmp_path / "images" / split / name / "1.png")
+    config = tiny_config(tmp_path, "data.name=image-folder", f"data.root={tmp_path / 'images'}")
+    with pytest.raises(ConfigError, match=r"class\(es\) \['owl'\] have train images but no test"):
         run_experiment(config)
     assert not config.results_dir.exists()
 
@@ -227,6 +220,9 @@ def test_a_resumed_run_continues_its_checkpoint_exactly_and_finished_runs_are_re
 
     record = read_result(resumed, "cn", 0)
     assert record["resumed_after_epochs"] == 1
+    # One checkpoint file per run: its latest epoch, rewritten in place.
+    checkpoints = resumed.results_dir / "runs" / "cn" / "seed-0" / "checkpoints"
+    assert [path.name for path in checkpoints.iterdir()] == ["last.ckpt"]
     assert [entry["epoch"] for entry in record["history"]] == [0, 1]
     reference = read_result(uninterrupted, "cn", 0)
     assert record["test"] == reference["test"]
@@ -262,7 +258,10 @@ def test_figures_turned_on_later_come_from_the_saved_checkpoint(tmp_path) -> Non
 def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path) -> None:
     run_experiment(tiny_config(tmp_path, "methods=[bn]"))
     (tmp_path / "results" / "runs" / "bn" / "seed-0" / "result.json").unlink()
-    with pytest.raises(ConfigError, match="holds a checkpoint trained with other settings"):
+    with pytest.raises(
+        ConfigError,
+        match=r"holds a checkpoint trained with other settings.*train\.lr: 0\.001 -> 0\.01",
+    ):
         run_experiment(tiny_config(tmp_path, "methods=[bn]", "train.lr=0.01"))
 
 
@@ -277,15 +276,15 @@ def test_label_derived_contexts_report_oracle_predicted_and_unknown_views(tmp_pa
     results_dir = run_experiment(config)
 
     info = json.loads((results_dir / "experiment.json").read_text(encoding="utf-8"))
-    assert list(info["views"]) == ["oracle", "predicted", "unknown"]
+    assert [view["name"] for view in info["report"]["views"]] == ["oracle", "predicted", "unknown"]
     assert 0.5 <= info["context_prediction_accuracy"] <= 1.0
     header = next(csv.reader((results_dir / "results.csv").open()))
     for view in ("oracle", "predicted", "unknown"):
         assert f"{view}_accuracy_mean" in header
     markdown = (results_dir / "results.md").read_text(encoding="utf-8")
     assert (
-        "accuracy, oracle context | accuracy, predicted context | accuracy, unknown context"
-        in markdown
+        "accuracy, oracle context | Δ vs bn | accuracy, predicted context | Δ vs bn | "
+        "accuracy, unknown context | Δ vs bn" in markdown
     )
 
     context_free = read_result(config, "bn", 0)["test"]
@@ -297,19 +296,53 @@ def test_label_derived_contexts_report_oracle_predicted_and_unknown_views(tmp_pa
 
 
 def test_input_derived_contexts_have_a_single_view(tmp_path) -> None:
-    prepared = prepare_experiment(tiny_config(tmp_path))
-    assert list(prepared.test_views) == ["input"]
-    test_split = prepared.test_views["input"]
+    task = prepare_experiment(tiny_config(tmp_path))
+    assert list(task.test_splits) == ["input"]
+    test_split = task.test_splits["input"]
     assert torch.equal(test_split.contexts, test_split.data.domains)
+    assert task.describe().views["input"].title == "stored domain"
 
 
 def test_validation_is_a_stratified_hold_out_of_the_training_split(tmp_path) -> None:
     prepared = prepare_experiment(tiny_config(tmp_path, "data.val_fraction=0.2"))
-    train, val = prepared.train.data, prepared.val.data
+    train, val = prepared.shared.train.data, prepared.shared.val.data
     total = len(train) + len(val)
     assert len(val) == round(0.2 * total)
     assert torch.bincount(val.labels).min() > 0
     assert not set(map(bytes, train.images.numpy())) & set(map(bytes, val.images.numpy()))
+
+
+@pytest.mark.slow
+def test_context_ablations_sit_in_the_same_table(tmp_path) -> None:
+    config = tiny_config(
+        tmp_path,
+        "methods=[bn, cn, {name: cn, label: cn-random, contexts: {kind: random, seed: 4}}, "
+        "{name: cn, label: cn-one, contexts: {kind: random, num_contexts: 1}}]",
+    )
+    task = prepare_experiment(config)
+    domains = task.contexts[1].train.contexts
+    randomised = task.contexts[2].train.contexts
+    assert torch.equal(torch.bincount(randomised), torch.bincount(domains))
+    assert not torch.equal(randomised, domains)
+    assert task.contexts[3].train.contexts.unique().tolist() == [0]
+    assert task.build_module(3).tested_layers[0].num_contexts == 1
+
+    results_dir = run_experiment(config)
+    markdown = (results_dir / "results.md").read_text(encoding="utf-8")
+    for label in ("cn-random", "cn-one"):
+        assert f"| {label} | 1 |" in markdown
+    assert "cn-random: random, K = 2, drawn once per sample (seed 4) with the group sizes" in (
+        markdown
+    )
+    assert "cn-one: random, K = 1" in markdown
+
+
+def test_random_contexts_are_a_kind_for_any_config(tmp_path) -> None:
+    task = prepare_experiment(
+        tiny_config(tmp_path, "contexts.kind=random", "contexts.options={like: domain}")
+    )
+    assert task.describe().views["input"].title == "random context"
+    assert torch.equal(torch.bincount(task.train.contexts), torch.bincount(task.train.data.domains))
 
 
 # --- pieces --------------------------------------------------------------------------------

@@ -46,9 +46,30 @@ def test_integer_input_and_scalar_input() -> None:
         cn.SwitchNorm(4)(torch.ones(4))
 
 
-def test_empty_batch() -> None:
-    with pytest.raises(ValueError, match="empty batch"):
-        cn.ContextNorm(4, 2)(torch.empty(0, 4), torch.empty(0, dtype=torch.long))
+@pytest.mark.parametrize(
+    "context, error, message",
+    [
+        (torch.tensor([0, 1, -2, 0, 1, 2]), ValueError, r"lie in \[0, K\).*got values in \[-2, 2\]"),
+        (torch.zeros(6, 1, dtype=torch.long), ValueError, r"shape \(N,\)"),
+        (torch.full((6, 3), 0.5), ValueError, "sum to 1"),
+        ([0, 1, 2, 0, 1, 2], TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_context_is_refused_where_the_scope_opens(context: object, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        with cn.use_context(context):
+            pytest.fail("the scope opened with a bad context")
+
+
+def test_scoped_ids_beyond_a_layers_contexts_name_its_count() -> None:
+    layer = cn.ContextNormX(4, 2)
+    with cn.use_context(torch.arange(6) % 3):
+        with pytest.raises(ValueError, match=r"lie in \[0, 2\).*num_contexts=2 matches"):
+            layer(x)
+    # Shapes are compared in every layer call, checked or not.
+    with cn.use_context(torch.tensor([0, 1]), validate=False):
+        with pytest.raises(ValueError, match=r"shape \(N,\) = \(6,\)"):
+            layer(x)
 
 
 def test_single_value_per_context_in_training() -> None:
@@ -80,8 +101,8 @@ def test_cn_unknown_context_in_training() -> None:
         (lambda: cn.ContextNormX(4, 2, prior=[1.0, 0.0]), "finite and positive"),
         (lambda: cn.AdaptiveContextNorm(4, 3, update="adam"), "update must be one of"),
         (lambda: cn.MixtureNorm(4, 3, em_steps=0), "em_steps must be a positive integer"),
-        (lambda: cn.ModeNorm(4, 0), "num_modes must be a positive integer"),
-        (lambda: cn.SwitchNorm(4, momentum=None), "momentum must be a float in"),
+        (lambda: cn.ModeNorm(4, 0), "num_contexts must be a positive integer"),
+        (lambda: cn.SwitchNorm(4, momentum=-0.5), "momentum must be a float in"),
     ],
 )
 def test_bad_constructor_arguments(build, message: str) -> None:

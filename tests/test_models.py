@@ -99,8 +99,18 @@ def test_placement_parse_accepts_every_documented_form(spec: Any, expected: Plac
 @pytest.mark.parametrize(
     "spec",
     [
-        "everywhere", "index", "index:", "index:a", "index:-1", "all:1",
-        -1, [], [1, "2"], True, None, 1.5,
+        "everywhere",
+        "index",
+        "index:",
+        "index:a",
+        "index:-1",
+        "all:1",
+        -1,
+        [],
+        [1, "2"],
+        True,
+        None,
+        1.5,
     ],
 )
 def test_placement_parse_rejects_bad_specs(spec: Any) -> None:

@@ -7,23 +7,17 @@ import pytest
 import torch
 from threadpoolctl import threadpool_limits
 
-from contextnorm.config import TrainConfig
-from contextnorm.data import ImageData
-from contextnorm.metrics import summarize
-from contextnorm.plots import (
+from contextnorm.config import PlotConfig, TrainConfig
+from contextnorm.methods import BatchNorm
+from contextnorm.metrics import MetricSpec, paired_difference, summarize
+from contextnorm.runner.activations import ActivationSample, capture_activations
+from contextnorm.runner.plots import (
     plot_activation_histograms,
     plot_curves,
     plot_feature_projection,
-    plot_metric_bars,
+    plot_metric_summary,
 )
-from contextnorm.training import (
-    ActivationSample,
-    BatchNorm,
-    BatchPreprocess,
-    ClassificationModule,
-    ContextSplit,
-    capture_activations,
-)
+from contextnorm.tasks import Probe, TaskModule
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -39,10 +33,27 @@ def synthetic_sample(seed: int, num_contexts: int = 2) -> ActivationSample:
     contexts = generator.integers(0, num_contexts, 60)
     # Two well separated modes, as an input channel of two visual domains would show.
     values = np.concatenate([generator.normal(-2, 0.5, 400), generator.normal(2, 0.7, 600)])
+    value_contexts = np.repeat([0, 1], [400, 600]) % num_contexts
     features = generator.normal(size=(60, 8)) + contexts[:, None] * 3.0
     return ActivationSample(
-        "BatchNorm", 0, values, features, contexts, generator.integers(0, 10, 60)
+        layer="BatchNorm",
+        layer_index=0,
+        channel=0,
+        samples=60,
+        channel_values=values,
+        channel_contexts=value_contexts,
+        features=features,
+        contexts=contexts,
+        labels=generator.integers(0, 10, 60),
     )
+
+
+CURVES = [
+    MetricSpec("train/loss", "training loss", lower=0.0, higher_is_better=False),
+    MetricSpec("val/loss", "validation loss", lower=0.0, higher_is_better=False),
+    MetricSpec("train/accuracy", "training accuracy", lower=0.0, upper=1.0),
+    MetricSpec("val/accuracy", "validation accuracy", lower=0.0, upper=1.0),
+]
 
 
 def history(losses: list[float]) -> list[dict[str, float]]:
@@ -63,12 +74,14 @@ def test_curves_average_seeds_of_different_lengths(tmp_path) -> None:
         "bn": [history([2.0, 1.0, 0.5]), history([2.2, 1.1, 0.4])],
         "cn": [history([1.5, 0.7]), history([1.4, 0.6, 0.3])],
     }
-    assert_png(plot_curves(histories, tmp_path / "curves.png"))
+    assert_png(plot_curves(histories, CURVES, tmp_path / "curves.png"))
 
 
 def test_activation_histogram_and_projections(tmp_path) -> None:
     samples = {"bn": synthetic_sample(0), "cn": synthetic_sample(1)}
-    assert_png(plot_activation_histograms(samples, 2, tmp_path / "activations.png"))
+    assert_png(
+        plot_activation_histograms(samples, 2, ["original", "inverted"], tmp_path / "act.png")
+    )
     assert_png(plot_feature_projection(samples, ["original", "inverted"], tmp_path / "pca.png"))
     # OpenMP threads that spin while waiting for each other make t-SNE crawl on busy cores.
     with threadpool_limits(1):
@@ -85,25 +98,48 @@ def test_diverged_run_gets_a_labelled_panel_not_a_crash(tmp_path) -> None:
     diverged.channel_values[:] = np.nan
     diverged.features[:] = np.nan
     samples = {"bn": synthetic_sample(0), "cnx": diverged}
-    assert_png(plot_activation_histograms(samples, 2, tmp_path / "activations.png"))
+    assert_png(plot_activation_histograms(samples, 2, ["a", "b"], tmp_path / "activations.png"))
     assert_png(plot_feature_projection(samples, ["a", "b"], tmp_path / "pca.png"))
 
 
-def test_metric_bars_with_one_seed_and_several_views(tmp_path) -> None:
+def test_metric_summary_with_one_seed_and_several_views(tmp_path) -> None:
     summaries = {
         "bn": {"oracle": summarize([0.8, 0.82]), "predicted": summarize([0.8, 0.82])},
         "cn": {"oracle": summarize([0.9]), "predicted": summarize([0.7])},
     }
+    differences = {
+        "cn": {
+            "oracle": paired_difference({0: 0.9}, {0: 0.8, 1: 0.82}),
+            "predicted": paired_difference({0: 0.7}, {0: 0.8, 1: 0.82}),
+        }
+    }
     titles = {"oracle": "oracle context", "predicted": "predicted context"}
-    assert_png(plot_metric_bars(summaries, titles, "test accuracy", tmp_path / "bars.png"))
+    accuracy = MetricSpec("accuracy", "accuracy", lower=0.0, upper=1.0, percent=True)
+    assert_png(
+        plot_metric_summary(summaries, differences, titles, accuracy, "bn", tmp_path / "a.png")
+    )
+    assert_png(plot_metric_summary(summaries, {}, titles, accuracy, None, tmp_path / "b.png"))
 
 
 def test_activation_sample_round_trips_through_npz(tmp_path) -> None:
     sample = synthetic_sample(3)
     loaded = ActivationSample.load(sample.save(tmp_path / "sample.npz"))
     assert (loaded.layer, loaded.channel) == (sample.layer, sample.channel)
-    for name in ("channel_values", "features", "contexts", "labels"):
+    for name in ("channel_values", "channel_contexts", "features", "contexts", "labels"):
         np.testing.assert_array_equal(getattr(loaded, name), getattr(sample, name))
+    assert loaded.matches(PlotConfig(layer=0, channel=0, samples=60))
+    assert not loaded.matches(PlotConfig(layer=0, channel=1, samples=60))
+
+
+def fixed_images_probe(module: TaskModule, images: torch.Tensor, contexts: torch.Tensor):
+    """What a task's probe does: run the module on held-out samples chosen with the seed."""
+
+    def probe(count: int, seed: int) -> Probe:
+        chosen = torch.from_numpy(np.sort(np.random.default_rng(seed).permutation(20)[:count]))
+        module(images[chosen], contexts[chosen])
+        return Probe(contexts[chosen], torch.arange(20)[chosen] % 3)
+
+    return probe
 
 
 def test_capture_records_the_hooked_layer_input_and_pooled_output() -> None:
@@ -112,25 +148,25 @@ def test_capture_records_the_hooked_layer_input_and_pooled_output() -> None:
     model = torch.nn.Sequential(
         torch.nn.Conv2d(1, 5, 3, padding=1), norm, torch.nn.Flatten(), torch.nn.Linear(5 * 36, 3)
     )
-    images = torch.randint(0, 256, (20, 1, 6, 6), dtype=torch.uint8)
-    data = ImageData(images, torch.arange(20) % 3, ["a", "b", "c"])
-    split = ContextSplit(data, torch.arange(20) % 2)
-    module = ClassificationModule(
-        model, BatchPreprocess([0.5], [0.25], (6, 6), crop_flip=False), TrainConfig(), 3
-    )
+    images = torch.randn(20, 1, 6, 6)
+    module = TaskModule(model, [norm], TrainConfig())
+    probe = fixed_images_probe(module, images, torch.arange(20) % 2)
+    plots = PlotConfig(layer=0, channel=2, samples=8)
 
-    sample = capture_activations(module, norm, split, samples=8, channel=2, seed=0)
-    assert sample.channel_values.shape == (8 * 6 * 6,)
+    sample = capture_activations(probe, module, norm, plots=plots, seed=0)
+    assert sample.channel_values.shape == sample.channel_contexts.shape == (8 * 6 * 6,)
     assert sample.features.shape == (8, 5)
     assert sample.contexts.shape == sample.labels.shape == (8,)
     # Eval-mode BatchNorm at initialisation is the identity: pooled output = pooled input.
+    chosen = np.sort(np.random.default_rng(0).permutation(20)[:8])
     with torch.no_grad():
-        chosen = np.sort(np.random.default_rng(0).permutation(20)[:8])
-        convolved = model[0]((images[chosen].float() / 255 - 0.5) / 0.25)
+        convolved = model[0](images[chosen])
     np.testing.assert_allclose(sample.features, convolved.mean(dim=(2, 3)).numpy(), atol=1e-5)
     np.testing.assert_allclose(
         np.sort(sample.channel_values), np.sort(convolved[:, 2].flatten().numpy()), atol=1e-5
     )
+    # Each value carries the context of the image it came from.
+    np.testing.assert_array_equal(sample.channel_contexts, np.repeat(chosen % 2, 36))
     assert module.training, "capture restores the module's training mode"
     with pytest.raises(ValueError, match=r"plots\.channel=7"):
-        capture_activations(module, norm, split, samples=8, channel=7, seed=0)
+        capture_activations(probe, module, norm, plots=PlotConfig(channel=7, samples=8), seed=0)

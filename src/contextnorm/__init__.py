@@ -1,38 +1,29 @@
 """contextnorm: context-based normalization layers for PyTorch.
 
-Importing the package loads the layers only (they depend on torch alone); the experiment
-toolkit lives in the subpackages ``data``, ``models``, ``contexts``, ``training`` and the
+The package loads the layers (torch alone) on first use of a name below, so that the
+``contextnorm`` command starts without importing torch; the experiment toolkit lives in the
+subpackages ``tasks`` and ``runner`` (with ``data``, ``models``, ``contexts``) and the
 ``contextnorm`` command line.
 
-Names follow ``METHODS.md``; aliases carry the papers' names so a reader of any of them
-finds their layer: ``SCBNorm`` and the 000 paper's ``ACN`` are CN-X here (use
-``ContextNormX``), ``SCBNormBase`` is CN-E, ``UCBNorm`` is ACN.
+Names follow docs/methods.md; aliases carry the papers' names so a reader of any of them
+finds their layer: ``SCBNorm`` and the "ACN" of the Adaptative Context Normalization paper
+are CN-X here (use ``ContextNormX``), ``SCBNormBase`` is CN-E, ``UCBNorm`` is ACN.
 """
 
-from . import functional
-from .layers import (
-    AdaptiveContextNorm,
-    ContextNorm,
-    ContextNormE,
-    ContextNormX,
-    ContextualModel,
-    MixtureNorm,
-    ModeNorm,
-    SwitchNorm,
-    convert,
-    use_context,
-    uses_context,
-)
+import importlib
+from typing import Any
 
 # The papers' names for the same layers.
-CN = ContextNorm
-CNX = ContextNormX
-CNE = ContextNormE
-SCBNorm = ContextNormX
-SCBNormBase = ContextNormE
-UCBNorm = AdaptiveContextNorm
-ACN = AdaptiveContextNorm
-MixNorm = MixtureNorm
+_ALIASES = {
+    "CN": "ContextNorm",
+    "CNX": "ContextNormX",
+    "CNE": "ContextNormE",
+    "SCBNorm": "ContextNormX",
+    "SCBNormBase": "ContextNormE",
+    "UCBNorm": "AdaptiveContextNorm",
+    "ACN": "AdaptiveContextNorm",
+    "MixNorm": "MixtureNorm",
+}
 
 __version__ = "0.1.0"
 
@@ -46,6 +37,9 @@ __all__ = [
     "ModeNorm",
     "SwitchNorm",
     "ContextualModel",
+    "CheckedContext",
+    "check_context",
+    "checkpoint",
     "convert",
     "use_context",
     "uses_context",
@@ -58,3 +52,17 @@ __all__ = [
     "ACN",
     "MixNorm",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "functional":
+        return importlib.import_module(f"{__name__}.functional")
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.layers"), _ALIASES.get(name, name))
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -4,40 +4,61 @@
 
     contextnorm run CONFIG [key=value ...]   run an experiment (YAML file or shipped config name)
     contextnorm demo [key=value ...]         the demo: seven normalizations on two-domain digits
-    contextnorm list                         methods, data sets, models, contexts, shipped configs
+    contextnorm list                         tasks, methods, data sets, models, contexts, configs
     contextnorm report RESULTS_DIR           rewrite tables and figures from saved results
+    contextnorm cache [--clear]              the decoded-image cache: where, how big; empty it
+
+Exit status: 0 on success, 2 for a mistake in the command or config (the message names the key
+to change), 130 when interrupted with Ctrl-C (the message says what is saved and how to go on).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
 from importlib import resources
 
+from contextnorm import __version__
 from contextnorm.config import ConfigError, load_config, shipped_configs
 
 DEMO_CONFIG = "demo"
-# The command handlers import the experiment toolkit themselves: Lightning takes seconds to
-# import, and `--help` or `list` do not need it.
+INTERRUPTED = 130
+USAGE_ERROR = 2
+# Each command imports what it needs itself: Lightning and scikit-learn take seconds to import,
+# and `--help`, `--version` or a mistake in a config do not need them.
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``contextnorm`` command; returns the exit status."""
+    arguments_list = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
-    arguments = parser.parse_args(argv)
+    arguments = parser.parse_args(arguments_list)
     try:
         return arguments.handler(arguments)
     except (ConfigError, FileNotFoundError) as error:
         print(f"contextnorm: error: {error}", file=sys.stderr)
-        return 2
+        return USAGE_ERROR
+    except KeyboardInterrupt as interrupt:
+        print(_interrupted(interrupt, arguments_list), file=sys.stderr)
+        return INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`contextnorm list | head`): stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="contextnorm", description="Context-based normalization experiments."
+        prog="contextnorm",
+        description="Context-based normalization experiments: train and compare normalization "
+        "layers from YAML configs, with tables and figures of the results.",
+        epilog="Start with `contextnorm demo`; `contextnorm list` shows what a config can name.",
     )
+    parser.add_argument("--version", action="version", version=f"contextnorm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     overrides_help = "config overrides such as train.epochs=5 or methods=[bn,cn] (values are YAML)"
 
@@ -55,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_run, config=DEMO_CONFIG)
 
     listing = commands.add_parser(
-        "list", help="list methods, data sets, models, context kinds and shipped configs"
+        "list", help="list tasks, methods, data sets, models, context kinds and shipped configs"
     )
     listing.set_defaults(handler=_list)
 
@@ -64,13 +85,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     report.add_argument("results_dir", help="the output folder of an experiment")
     report.set_defaults(handler=_report)
+
+    cache = commands.add_parser(
+        "cache",
+        help="the decoded-image cache: where it is, its size and limit ($CONTEXTNORM_CACHE_GB)",
+    )
+    cache.add_argument("--clear", action="store_true", help="delete every cached file")
+    cache.set_defaults(handler=_cache)
     return parser
 
 
 def _run(arguments: argparse.Namespace) -> int:
-    from contextnorm.experiments import headline_table, load_results, run_experiment
-
     config = load_config(arguments.config, arguments.overrides)
+    from contextnorm.runner import headline_table, load_results, run_experiment
+
     start = time.perf_counter()
     results_dir = run_experiment(config, echo=lambda line: print(line, flush=True))
     print()
@@ -83,7 +111,7 @@ def _run(arguments: argparse.Namespace) -> int:
 
 
 def _report(arguments: argparse.Namespace) -> int:
-    from contextnorm.experiments import headline_table, load_results, write_report
+    from contextnorm.runner import headline_table, load_results, write_report
 
     markdown = write_report(arguments.results_dir)
     print(headline_table(load_results(arguments.results_dir)))
@@ -92,20 +120,39 @@ def _report(arguments: argparse.Namespace) -> int:
 
 
 def _list(arguments: argparse.Namespace) -> int:
-    from contextnorm.contexts import CONTEXT_KINDS
+    from contextnorm.contexts import CONTEXTS
     from contextnorm.data import DATASETS
-    from contextnorm.models import MODELS
-    from contextnorm.training.methods import METHODS
+    from contextnorm.methods import METHODS
+    from contextnorm.models import GENERATORS, MODELS
+    from contextnorm.tasks import TASKS
 
-    print("methods (`methods:` in a config):")
-    for name, method in METHODS.items():
-        print(f"  {name:<13} {method.summary}")
-    print(f"\ndata sets (`data.name`): {', '.join(DATASETS)}")
-    print(f"models (`model.name`): {', '.join(MODELS)}")
-    print(f"context kinds (`contexts.kind`): {', '.join(CONTEXT_KINDS)}")
-    print("\nshipped configs (`contextnorm run NAME`):")
+    for registry, where in (
+        (TASKS, "`task.name` in a config"),
+        (METHODS, "`methods` in a config"),
+        (DATASETS, "`data.name` in a config"),
+        (MODELS, "`model.name` in a config"),
+        (GENERATORS, "`model.name` in a generation config"),
+        (CONTEXTS, "`contexts.kind` in a config"),
+    ):
+        print(f"{registry.plural} ({where}):")
+        for name in registry:
+            print(f"  {name:<16} {registry.summary(name)}")
+        print()
+    print("shipped configs (`contextnorm run NAME`):")
     for name in shipped_configs():
         print(f"  {name:<28} {_first_comment(name)}")
+    return 0
+
+
+def _cache(arguments: argparse.Namespace) -> int:
+    from contextnorm.data.decode import cache_entries, cache_folder, cache_limit_bytes, clear_cache
+
+    entries = clear_cache() if arguments.clear else cache_entries()
+    size = sum(entry.size for entry in entries) / 1024**3
+    action = "deleted" if arguments.clear else "holds"
+    print(f"decoded-image cache: {cache_folder()}")
+    limit = cache_limit_bytes() / 1024**3
+    print(f"{action} {len(entries)} file(s), {size:.2f} GB; limit {limit:g} GB")
     return 0
 
 
@@ -115,6 +162,27 @@ def _first_comment(name: str) -> str:
         if line.startswith("#"):
             return line.lstrip("# ").strip()
     return ""
+
+
+def _interrupted(interrupt: KeyboardInterrupt, argv: Sequence[str]) -> str:
+    """What Ctrl-C left behind, and the command that goes on from there."""
+    lines = ["", "Interrupted."]
+    results_dir = getattr(interrupt, "results_dir", None)
+    if results_dir is not None:
+        lines.append(
+            f"Saved in {results_dir}: {interrupt.finished} of {interrupt.total} runs finished "
+            "(their results, tables and checkpoints)."
+        )
+        run_dir = getattr(interrupt, "run_dir", None)
+        if run_dir is not None:
+            epochs = interrupt.epochs_saved
+            lines.append(
+                f"The run in {run_dir} was training: its checkpoint after epoch {epochs} is kept."
+                if epochs
+                else f"The run in {run_dir} was in its first epoch: it starts over."
+            )
+    lines.append(f"Resume with: {shlex.join(['contextnorm', *argv])}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -4,15 +4,22 @@ A config is read from YAML into the dataclasses below. Every key is checked: an 
 raises an error naming it and the valid keys at that level, a value of the wrong type names the
 key and the expected type, and out-of-range values name the accepted range. Overrides from the
 command line (``train.epochs=5``, ``methods=[bn,cn]``) are applied to the raw mapping before it
-is checked, so they are held to the same rules as the file.
+is checked, so they are held to the same rules as the file. Numbers may be written in
+scientific notation everywhere (``lr: 1e-3``), in files and in overrides alike.
 
 Only the checks that need no data happen here; the experiment checks contexts, data sets and
 models against the loaded data before any training starts.
+
+Each field's ``metadata`` says what the setting means for a run already trained (see
+:data:`ROLE`); the runner derives a run's settings, and the difference between two runs'
+settings, from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,10 +29,24 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "multistep", "cosine")
 AUGMENTATIONS = ("auto", "none", "crop_flip")
-PROGRESS_MODES = ("none", "run", "epoch", "bar")
+PROGRESS_MODES = ("auto", "bar", "epoch", "run", "none")
+
+ROLE = "role"
+"""Field metadata key: what a setting means for a run already trained. A field without a role
+changes what a run computes, so a checkpoint or result made under another value is not reused."""
+EXECUTION = "execution"
+"""Role of settings that change how a run executes or is shown, never what it computes."""
+CONTINUATION = "continuation"
+"""Role of settings under which a checkpoint can be continued; a finished result is not reused."""
+CONTINUABLE_IF = "continuable_if"
+"""Metadata beside ``CONTINUATION``: a test on the field's section for when it holds."""
+
+
+def _execution(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    return field(default=default, metadata={ROLE: EXECUTION}, **kwargs)
 
 
 class ConfigError(ValueError):
@@ -33,13 +54,28 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class TaskConfig:
+    """What is trained and measured (``contextnorm list`` shows the registered tasks).
+
+    Attributes:
+        name: a registered task. A config without a ``task`` section is ``classification``.
+        options: the task's own settings, checked against the task's ``Options`` schema
+            before any data is loaded.
+    """
+
+    name: str = "classification"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class DataConfig:
     """Which data set to load and how to split it.
 
     Attributes:
-        name: a data set name known to ``contextnorm.data.load_dataset`` (``contextnorm list``).
-        root: data directory; ``None`` uses ``$CONTEXTNORM_DATA`` or ``~/.cache/contextnorm/data``.
-            For ``image-folder`` it is the folder holding ``train/`` and ``test/``.
+        name: a registered data set (``contextnorm list``).
+        root: data directory; ``None`` uses ``$CONTEXTNORM_DATA/<name>`` or
+            ``~/.cache/contextnorm/data/<name>``. For ``image-folder`` it is the folder
+            holding ``train/`` and ``test/``.
         image_size: resize images to this side length; ``None`` keeps the stored size.
         download: fetch missing files from the official sources where the loader can.
         val_fraction: share of the training split held out (stratified) for the per-epoch
@@ -52,17 +88,20 @@ class DataConfig:
         augment: ``crop_flip`` (random crop with 4-pixel padding + horizontal flip), ``none``, or
             ``auto``: ``crop_flip`` for colour images, ``none`` for grayscale (digits, where a
             flip changes the class).
+        options: options of the data set's loader, e.g. ``{domains: domains.csv}`` for
+            ``image-folder`` (each image's domain from a CSV file).
     """
 
     name: str = "digits"
     root: str | None = None
     image_size: int | None = None
-    download: bool = False
+    download: bool = _execution(False)
     val_fraction: float = 0.1
     train_samples: int | None = None
     test_samples: int | None = None
     seed: int = 0
     augment: str = "auto"
+    options: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
         _require(
@@ -87,12 +126,14 @@ class ContextConfig:
     """How each sample's context is built (``contextnorm.contexts.build_contexts``).
 
     Attributes:
-        kind: ``kmeans``, ``gmm`` (EM components), ``superclass`` or ``domain``.
+        kind: a registered context kind (``contextnorm list``): ``kmeans``, ``gmm`` (EM
+            components), ``superclass``, ``domain``, or ``random`` (the ablation: random
+            contexts with the group sizes of another kind).
         num_contexts: K, the number of contexts; context layers are built with the same K.
             ``None`` takes K from the data (the number of domains or superclasses); clusterings
             need it set.
-        seed: seed of the clustering, shared by every method and seed of the experiment so
-            that all of them see the same contexts.
+        seed: seed of the clustering (or of the random draw), shared by every method and seed
+            of the experiment so that all of them see the same contexts.
         options: extra keyword arguments for the context builder.
     """
 
@@ -115,7 +156,7 @@ class ModelConfig:
     """The network (``contextnorm.models.build_model``).
 
     Attributes:
-        name: model name (``contextnorm list``).
+        name: a registered model (``contextnorm list``).
         placement: where the tested norm goes: ``all``, ``index:I``, ``input`` or ``patch``.
         base_norm: method name of the norm at the sites that do not get the tested one
             (``None``: the architecture's own, BatchNorm).
@@ -136,14 +177,18 @@ class MethodConfig:
     ``{name: cn, label: cn-no-prior, options: {prior_scaling: false}}``.
 
     Attributes:
-        name: a method registry name (``contextnorm list``).
+        name: a registered method (``contextnorm list``).
         label: the row name in tables and plots; defaults to ``name``. Labels must be unique.
         options: keyword arguments for the layer (checked against its signature).
+        contexts: contexts of this method's own, in place of the experiment's: the context
+            ablations sit in the same tables, e.g. ``{kind: random}`` (the experiment's K and
+            group sizes, drawn at random) or ``{kind: random, num_contexts: 1}`` (one context).
     """
 
     name: str
-    label: str | None = None
+    label: str | None = _execution(None)
     options: dict[str, Any] = field(default_factory=dict)
+    contexts: ContextConfig | None = None
 
     @property
     def display_name(self) -> str:
@@ -151,21 +196,29 @@ class MethodConfig:
         return self.label or self.name
 
 
+def _schedule_ignores_epochs(train: TrainConfig) -> bool:
+    # Cosine and multistep schedules are laid out over the epoch count: another count changes
+    # the learning rate of every epoch already trained.
+    return train.schedule == "constant"
+
+
 @dataclass
 class TrainConfig:
     """Optimisation and run settings.
 
     Attributes:
-        epochs: training epochs per run.
+        epochs: training epochs per run. With a constant learning rate, raising it continues
+            finished runs from their last epoch.
         batch_size: training batch size (evaluation uses ``eval_batch_size`` or this).
         eval_batch_size: batch size for validation and test; ``None`` uses ``batch_size``.
-        optimizer: ``adamw``, or ``sgd`` (with Nesterov momentum).
+        optimizer: ``adamw``, ``adam``, or ``sgd`` (with Nesterov momentum).
         lr: initial learning rate.
         weight_decay: weight decay of the optimizer.
         momentum: momentum of ``sgd``.
         schedule: ``constant``, ``multistep`` (x0.1 at 50% and 75% of the epochs) or ``cosine``.
-        early_stopping_patience: stop after this many epochs without a lower validation loss;
-            ``None`` trains every epoch.
+        early_stopping_patience: stop after this many epochs without an improvement of the
+            task's selection metric (the validation loss for classification); ``None`` trains
+            every epoch.
         seeds: one run per seed and method; results report mean and std over seeds.
         accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``, ...).
         devices: Lightning devices (``auto``, a count, or a list of ids).
@@ -175,28 +228,32 @@ class TrainConfig:
             figures); ``None`` keeps the libraries' defaults. Small models train faster on one
             thread than on several, above all on a machine whose cores are busy.
         deterministic: ask PyTorch for deterministic algorithms (slower on GPU).
-        progress: what is printed while training: ``none``; ``run`` (one line per finished
-            run); ``epoch`` (also one line per epoch); ``bar`` (one line per run and Lightning's
-            per-batch progress bar).
+        progress: what is shown while training: ``auto`` (a live bar on a terminal, plain
+            lines otherwise); ``bar`` (Lightning's bar, per epoch and batch, with the method,
+            seed and metrics); ``epoch`` (a line per epoch and per run); ``run`` (a line per
+            run); ``none``.
     """
 
-    epochs: int = 10
+    epochs: int = field(
+        default=10,
+        metadata={ROLE: CONTINUATION, CONTINUABLE_IF: _schedule_ignores_epochs},
+    )
     batch_size: int = 128
-    eval_batch_size: int | None = None
+    eval_batch_size: int | None = _execution(None)
     optimizer: str = "adamw"
     lr: float = 1e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9
     schedule: str = "constant"
-    early_stopping_patience: int | None = None
+    early_stopping_patience: int | None = field(default=None, metadata={ROLE: CONTINUATION})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    accelerator: str = "auto"
-    devices: int | str | list[int] = "auto"
+    accelerator: str = _execution("auto")
+    devices: int | str | list[int] = _execution("auto")
     precision: str = "32-true"
-    num_workers: int = 0
-    cpu_threads: int | None = None
-    deterministic: bool = False
-    progress: str = "run"
+    num_workers: int = _execution(0)
+    cpu_threads: int | None = _execution(None)
+    deterministic: bool = _execution(False)
+    progress: str = _execution("auto")
 
     def check(self) -> None:
         for key in ("epochs", "batch_size"):
@@ -242,15 +299,15 @@ class TrainConfig:
 
 @dataclass
 class PlotConfig:
-    """Figures drawn from the first seed of each method.
+    """Figures; the activation figures come from the first seed of each method.
 
     Attributes:
         enabled: draw figures (tables are always written).
-        channel: channel of the tested norm layer whose input histogram is drawn.
-        samples: number of test images whose activations are recorded.
-        tsne: add a t-SNE projection next to the PCA one (slower).
         layer: which tested norm layer to record when a model holds several (placement
             ``all``), counted from the input.
+        channel: channel of that layer whose input histogram is drawn.
+        samples: number of held-out samples whose activations are recorded.
+        tsne: add a t-SNE projection next to the PCA one (slower).
     """
 
     enabled: bool = True
@@ -266,17 +323,34 @@ class PlotConfig:
 
 
 @dataclass
+class ReportConfig:
+    """The results tables.
+
+    Attributes:
+        baseline: the label of the method every other method is compared with (paired
+            differences over seeds, with 95 % intervals); ``None`` takes the first method.
+    """
+
+    baseline: str | None = None
+
+
+@dataclass
 class ExperimentConfig:
     """A whole experiment: every method in ``methods`` trained once per seed.
 
     Attributes:
         name: experiment name, shown in the results.
         output_dir: the results folder (``None``: ``runs/<name>``); finished runs in it are
-            reused on a re-run.
+            reused on a re-run, and methods run earlier stay in its tables.
+        imports: Python modules imported before the experiment is built, so that the tasks,
+            methods, models, data sets and context kinds they register can be named here.
+        task: what is trained and measured; classification unless set.
     """
 
-    name: str = "experiment"
-    output_dir: str | None = None
+    name: str = _execution("experiment")
+    output_dir: str | None = _execution(None)
+    imports: list[str] = _execution(default_factory=list)
+    task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     contexts: ContextConfig = field(default_factory=ContextConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -284,16 +358,25 @@ class ExperimentConfig:
         default_factory=lambda: [MethodConfig("bn"), MethodConfig("cn")]
     )
     train: TrainConfig = field(default_factory=TrainConfig)
-    plots: PlotConfig = field(default_factory=PlotConfig)
+    plots: PlotConfig = _execution(default_factory=PlotConfig)
+    report: ReportConfig = _execution(default_factory=ReportConfig)
 
     @property
     def results_dir(self) -> Path:
         """Where results go: ``output_dir``, or ``runs/<name>`` when it is not set."""
         return Path(self.output_dir or Path("runs") / self.name).expanduser()
 
+    @property
+    def baseline(self) -> str:
+        """The label of the method the others are compared with."""
+        return self.report.baseline or self.methods[0].display_name
+
     def check(self) -> None:
         for section in (self.data, self.contexts, self.train, self.plots):
             section.check()
+        for method in self.methods:
+            if method.contexts is not None:
+                method.contexts.check()
         _require(len(self.methods) >= 1, "methods", "must list at least one method", self.methods)
         labels = [method.display_name for method in self.methods]
         duplicates = sorted({label for label in labels if labels.count(label) > 1})
@@ -303,6 +386,12 @@ class ExperimentConfig:
             f"has the row name(s) {duplicates} more than once; "
             "give repeated methods distinct `label`s",
             labels,
+        )
+        _require(
+            self.report.baseline is None or self.report.baseline in labels,
+            "report.baseline",
+            f"must be the label of one of the methods ({', '.join(labels)})",
+            self.report.baseline,
         )
 
 
@@ -334,7 +423,7 @@ def load_config(source: str | Path, overrides: Sequence[str] = ()) -> Experiment
         overrides: strings ``dotted.key=value``; the value is read as YAML (``3``, ``0.1``,
             ``[bn, cn]``, ``null``).
     """
-    raw = yaml.safe_load(_config_text(source)) or {}
+    raw = read_yaml(_config_text(source)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(
             f"config {source} must be a YAML mapping at the top level; got {type(raw).__name__}"
@@ -389,7 +478,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
                     f"override {override!r}: {prefix} holds a value, not a section with keys"
                 )
             node = child
-        node[path[-1]] = yaml.safe_load(text) if text.strip() else None
+        node[path[-1]] = read_yaml(text) if text.strip() else None
     return result
 
 
@@ -399,6 +488,56 @@ def _deep_copy(value: Any) -> Any:
     if isinstance(value, list):
         return [_deep_copy(item) for item in value]
     return value
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, reading ``1e-3`` and ``1.5e3`` as numbers.
+
+    YAML 1.1, which PyYAML implements, wants a dot and a signed exponent (``1.0e-3``) and reads
+    ``1e-3`` as a string; YAML 1.2 and every other language read it as a number.
+    """
+
+
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != _FLOAT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    _FLOAT_TAG,
+    re.compile(
+        r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+        |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.VERBOSE,
+    ),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML text as configs are read: safely, with numbers in scientific notation."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def parse_section(schema: type, raw: Any, path: str) -> Any:
+    """Build the dataclass ``schema`` from a plain mapping with every check of the config.
+
+    Tasks read their ``task.options`` with it, so that their settings are held to the same
+    rules (unknown keys, types, scientific notation) as the rest of the config.
+
+    Args:
+        schema: a dataclass; its type hints say what each key holds.
+        raw: the mapping read from YAML.
+        path: where the mapping sits in the config (``task.options``), for messages.
+    """
+    section = _build(schema, raw, path)
+    check = getattr(section, "check", None)
+    if check is not None:
+        check()
+    return section
 
 
 def _build(schema: type, raw: Any, path: str) -> Any:
@@ -457,6 +596,9 @@ def _convert(expected: Any, value: Any, path: str) -> Any:
         return value
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    # `train_samples: 5e3` reads as the float 5000.0: a whole number is a valid integer.
+    if expected is int and isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
     # bool is a subclass of int, and `epochs: yes` is a mistake rather than 1.
     if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
         return value
@@ -490,5 +632,5 @@ def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
 
 
 def dump_config(config: ExperimentConfig) -> str:
-    """The config as YAML text."""
+    """The config as YAML text (read back by :func:`read_yaml`)."""
     return yaml.safe_dump(config_to_dict(config), sort_keys=False)

@@ -1,19 +1,28 @@
 """Context assignments: which context each sample belongs to, for the context-based normalizations.
 
-Every builder follows the papers' sources of contexts (METHODS.md, "Where contexts come from"):
-k-means clusters of the inputs, the components of a Gaussian mixture fitted by EM, superclasses,
-and visual domains. A builder is fitted on the training split only and then assigns contexts to
-any split; ``KMeansContexts`` and ``GMMContexts`` look at the images alone, never at labels.
+The context kinds of :data:`CONTEXTS` follow the papers' sources of contexts: k-means clusters
+of the inputs, the components of a Gaussian mixture fitted by EM, superclasses (and the classes
+themselves, for generation), and visual domains; ``random`` is the ablation that keeps the
+number and sizes of the groups and drops their information. A builder is fitted on the
+training split only and then assigns contexts to any split; ``KMeansContexts`` and
+``GMMContexts`` look at the images alone, never at labels.
 
-Superclass contexts are a function of the label, so a model given them at test time has been
-told part of the answer. ``label_derived`` flags such kinds, and ``ContextPredictor`` infers a
-label-derived context from the image alone for the honest second number.
+Superclass and class contexts are a function of the label, so a model given them at test time
+has been told (part of) the answer. ``label_derived`` flags such kinds, and
+``ContextPredictor`` infers a label-derived context from the image alone for the honest second
+number.
+
+A kind of your own: a class with the :class:`ContextBuilder` interface, registered with
+``@CONTEXTS.register("name")``; its constructor may take ``num_contexts`` and ``seed`` (passed
+when it accepts them) and any options (``contexts.options`` in a config).
 """
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
-from typing import Literal, Protocol, runtime_checkable
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -25,9 +34,8 @@ from sklearn.mixture import GaussianMixture
 from sklearn.pipeline import Pipeline, make_pipeline
 
 from contextnorm.data import ImageData
+from contextnorm.registry import Registry
 
-CONTEXT_KINDS: tuple[str, ...] = ("kmeans", "gmm", "superclass", "domain")
-_LABEL_DERIVED_KINDS = frozenset({"superclass"})
 _PREDICT_CHUNK = 8192
 
 CIFAR10_VEHICLES_ANIMALS: dict[int, int] = {
@@ -54,9 +62,19 @@ Features = Literal["pixels", "pca"]
 
 @runtime_checkable
 class ContextBuilder(Protocol):
-    """Fitted on a training split, then gives each sample of any split a context id in [0, K)."""
+    """Fitted on a training split, then gives each sample of any split a context id in [0, K).
+
+    Attributes:
+        num_contexts: K, known after ``fit``.
+        label_derived: whether the contexts are computed from the labels (class attribute).
+        title: a short name of what a test sample's context is (a table heading).
+        description: one sentence on where a test sample's context comes from.
+    """
 
     num_contexts: int
+    label_derived: ClassVar[bool]
+    title: ClassVar[str]
+    description: ClassVar[str]
 
     def fit(self, train: ImageData) -> ContextBuilder:
         """Learn whatever the assignment needs from the training split; returns ``self``."""
@@ -67,60 +85,51 @@ class ContextBuilder(Protocol):
         ...
 
 
+CONTEXTS: Registry[type[ContextBuilder]] = Registry("context kind")
+"""Context kinds by name (``contexts.kind`` in a config); each entry is a builder class."""
+
+
 def label_derived(kind: str) -> bool:
     """Whether contexts of this kind are computed from the labels.
 
     Evaluation of such contexts must also report accuracy with contexts inferred from the
     input alone (see ``ContextPredictor``), since the oracle context leaks the label.
     """
-    _check_kind(kind)
-    return kind in _LABEL_DERIVED_KINDS
+    return CONTEXTS.get(kind).label_derived
 
 
 def build_contexts(
-    kind: str, num_contexts: int | None, train: ImageData, *, seed: int = 0, **options
+    kind: str, num_contexts: int | None, train: ImageData, *, seed: int = 0, **options: Any
 ) -> ContextBuilder:
     """Create the builder for ``kind`` and fit it on ``train``.
 
     Args:
-        kind: one of ``CONTEXT_KINDS``: "kmeans", "gmm", "superclass" or "domain".
-        num_contexts: K for "kmeans" and "gmm" (required); for "superclass" and "domain" it is
-            given by the data or the mapping, and a value here must agree with it.
+        kind: a registered context kind: "kmeans", "gmm", "superclass", "domain", "random".
+        num_contexts: K for "kmeans" and "gmm" (required) and "random"; for "superclass" and
+            "domain" it is given by the data or the mapping, and a value here must agree with it.
         train: the training split.
-        seed: random seed of the fit (clustering kinds only).
+        seed: random seed of the fit (clustering and random kinds).
         **options: keyword arguments of the builder class (e.g. ``features="pca"`` for k-means,
-            ``mapping=CIFAR10_VEHICLES_ANIMALS`` for superclasses).
+            ``mapping=CIFAR10_VEHICLES_ANIMALS`` for superclasses, ``like="gmm"`` for random).
 
     Returns:
         The fitted builder: call ``assign`` on any split.
     """
-    _check_kind(kind)
-    builder: ContextBuilder
-    if kind in ("kmeans", "gmm"):
-        if num_contexts is None:
-            raise ValueError(
-                f"num_contexts is required for {kind!r} contexts; pass the number of clusters K."
-            )
-        cluster_class = KMeansContexts if kind == "kmeans" else GMMContexts
-        builder = cluster_class(num_contexts, seed=seed, **options)
-    elif kind == "superclass":
-        builder = SuperclassContexts(**options)
-    else:
-        builder = DomainContexts(**options)
+    builder_class = CONTEXTS.get(kind)
+    accepted = inspect.signature(builder_class).parameters
+    arguments = dict(options)
+    if "num_contexts" in accepted:
+        arguments["num_contexts"] = num_contexts
+    if "seed" in accepted:
+        arguments["seed"] = seed
+    builder = builder_class(**arguments)
     builder.fit(train)
     if num_contexts is not None and num_contexts != builder.num_contexts:
         raise ValueError(
             f"num_contexts={num_contexts} but this data set has {builder.num_contexts} {kind!r} "
-            "contexts; pass num_contexts=None or the matching value."
+            "contexts; leave num_contexts unset or give the matching value."
         )
     return builder
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in CONTEXT_KINDS:
-        raise ValueError(
-            f"unknown context kind {kind!r}; choose one of {', '.join(CONTEXT_KINDS)}."
-        )
 
 
 def _check_not_empty(data: ImageData, argument: str) -> None:
@@ -167,15 +176,22 @@ def _predict(
 class _ClusterContexts(ABC):
     """What the unsupervised builders share: optional PCA, subsampled fit, chunked assignment."""
 
+    label_derived: ClassVar[bool] = False
+
     def __init__(
         self,
-        num_contexts: int,
+        num_contexts: int | None,
         *,
         seed: int = 0,
         features: Features = "pixels",
         pca_components: int = 50,
         max_fit_samples: int = 20000,
     ) -> None:
+        if num_contexts is None:
+            raise ValueError(
+                "num_contexts is required for clustered contexts; give the number of clusters K "
+                "(contexts.num_contexts in a config)."
+            )
         if isinstance(num_contexts, bool) or not isinstance(num_contexts, int) or num_contexts < 1:
             raise ValueError(f"num_contexts must be an int >= 1; got {num_contexts!r}.")
         if features not in ("pixels", "pca"):
@@ -217,8 +233,9 @@ class _ClusterContexts(ABC):
         )
 
 
+@CONTEXTS.register("kmeans", summary="k-means clusters of the images (K = num_contexts)")
 class KMeansContexts(_ClusterContexts):
-    """Contexts = k-means clusters (k-means++ seeding) of the images, as in 002 §III-A.
+    """Contexts = k-means clusters (k-means++ seeding) of the images.
 
     Args:
         num_contexts: number of clusters K.
@@ -230,18 +247,33 @@ class KMeansContexts(_ClusterContexts):
             images are assigned.
     """
 
+    title: ClassVar[str] = "k-means cluster"
+    description: ClassVar[str] = (
+        "the k-means cluster of each test image, from the clustering of the training images "
+        "(computed from the image alone, no label information)"
+    )
+
     def _cluster_model(self) -> BaseEstimator:
         return KMeans(
             n_clusters=self.num_contexts, init="k-means++", n_init="auto", random_state=self.seed
         )
 
 
+@CONTEXTS.register(
+    "gmm", summary="components of a diagonal Gaussian mixture fitted to the images by EM"
+)
 class GMMContexts(_ClusterContexts):
     """Contexts = components of a diagonal Gaussian mixture fitted by EM ("EM components").
 
     Each sample's context is its most probable component. Arguments as for ``KMeansContexts``;
     the mixture starts from k-means++ seeds.
     """
+
+    title: ClassVar[str] = "GMM context"
+    description: ClassVar[str] = (
+        "the most probable component of each test image under the Gaussian mixture fitted to "
+        "the training images (computed from the image alone, no label information)"
+    )
 
     # Image borders are constant within a cluster (zero variance); a floor of 1e-4 on the [0, 1]
     # pixel scale (a standard deviation of 2.5 grey levels) keeps EM finite there, in float32.
@@ -257,6 +289,10 @@ class GMMContexts(_ClusterContexts):
         )
 
 
+@CONTEXTS.register(
+    "superclass",
+    summary="superclasses of the labels (oracle, predicted and unknown contexts are tested)",
+)
 class SuperclassContexts:
     """Contexts = superclasses. Label-derived: see ``label_derived`` and ``ContextPredictor``.
 
@@ -265,6 +301,13 @@ class SuperclassContexts:
             Pet's cat/dog). Otherwise a fine label -> superclass id mapping covering every class
             (e.g. ``CIFAR10_VEHICLES_ANIMALS``), or the name of one in ``SUPERCLASS_MAPPINGS``.
     """
+
+    label_derived: ClassVar[bool] = True
+    title: ClassVar[str] = "oracle context"
+    description: ClassVar[str] = (
+        "the true superclass of each test image: the papers' protocol, which tells the model "
+        "part of the label"
+    )
 
     def __init__(self, mapping: dict[int, int] | str | None = None) -> None:
         if isinstance(mapping, str):
@@ -290,8 +333,9 @@ class SuperclassContexts:
         if self.mapping is None:
             if train.coarse_labels is None or train.coarse_classes is None:
                 raise ValueError(
-                    "this data set has no coarse labels; pass SuperclassContexts(mapping=...), a "
-                    "{fine label: superclass} dict such as CIFAR10_VEHICLES_ANIMALS."
+                    "this data set has no coarse labels; give a mapping (contexts.options.mapping "
+                    "in a config): a {class id: superclass id} dict, or a named one "
+                    f"({', '.join(SUPERCLASS_MAPPINGS)})."
                 )
             self.num_contexts = len(train.coarse_classes)
             self._fitted = True
@@ -326,8 +370,53 @@ class SuperclassContexts:
         return data.coarse_labels.clone()
 
 
+@CONTEXTS.register("class", summary="the classes themselves (K = the number of classes)")
+class ClassContexts:
+    """Contexts = classes: each sample's context is its label. Label-derived.
+
+    Meant for generation, where a context layer in the generator normalises each generated
+    image with the statistics of the class it is generated for (drawn from the classes'
+    shares). A classifier given these contexts at test time is given the answer: the
+    classification task tests it in the oracle, predicted and unknown views side by side.
+    """
+
+    label_derived: ClassVar[bool] = True
+    title: ClassVar[str] = "oracle class"
+    description: ClassVar[str] = "the true class of each test image: the label itself"
+
+    def __init__(self) -> None:
+        self.num_contexts = 0
+
+    def fit(self, train: ImageData) -> ClassContexts:
+        """Take K from the number of classes."""
+        _check_not_empty(train, "train")
+        self.num_contexts = train.num_classes
+        return self
+
+    def assign(self, data: ImageData) -> torch.Tensor:
+        """Each sample's label."""
+        if self.num_contexts == 0:
+            raise RuntimeError("ClassContexts.assign called before fit(train).")
+        if data.num_classes != self.num_contexts:
+            raise ValueError(
+                f"data has {data.num_classes} classes but the contexts were fitted on "
+                f"{self.num_contexts}."
+            )
+        return data.labels.clone()
+
+
+@CONTEXTS.register(
+    "domain", summary="the domain stored with each image (digits; an image folder's CSV file)"
+)
 class DomainContexts:
     """Contexts = visual domains (e.g. source and target in domain adaptation): ``data.domains``."""
+
+    label_derived: ClassVar[bool] = False
+    title: ClassVar[str] = "stored domain"
+    description: ClassVar[str] = (
+        "the domain stored with each test image in the data set (known at deployment, no label "
+        "information)"
+    )
 
     def __init__(self) -> None:
         self.num_contexts = 0
@@ -337,8 +426,9 @@ class DomainContexts:
         _check_not_empty(train, "train")
         if train.domains is None or train.domain_names is None:
             raise ValueError(
-                "this data set has no domains; domain contexts need ImageData.domains "
-                "(the 'digits' data set has them)."
+                "this data set has no domains; domain contexts need ImageData.domains (the "
+                "'digits' data set has them; an image folder reads them from a CSV file given as "
+                "data.options.domains in a config)."
             )
         self.num_contexts = len(train.domain_names)
         return self
@@ -350,6 +440,86 @@ class DomainContexts:
         if data.domains is None:
             raise ValueError("data has no domains; domain contexts need ImageData.domains.")
         return data.domains.clone()
+
+
+@CONTEXTS.register(
+    "random", summary="random contexts with another kind's K and group sizes (the ablation)"
+)
+class RandomContexts:
+    """Contexts drawn at random, fixed per sample: what is left of a kind without its information.
+
+    Each split's contexts are a seeded random permutation of the reference kind's contexts on
+    that split: the same K and the same group sizes, with no relation to the images or labels.
+    A model that gains as much from these as from the real contexts gains from normalising in
+    smaller groups, not from what the contexts know. Without a reference, or with another K
+    than the reference's, the groups have sizes as equal as possible; ``num_contexts=1`` is a
+    single context for every sample.
+
+    Args:
+        num_contexts: K; ``None`` takes the reference's.
+        seed: seed of the draw; a split of the same length gets the same draw.
+        like: the reference: a context kind (``"gmm"``) or a mapping ``{kind, num_contexts,
+            options}`` as in a config's ``contexts`` section.
+    """
+
+    label_derived: ClassVar[bool] = False
+    title: ClassVar[str] = "random context"
+    description: ClassVar[str] = (
+        "a random context drawn once for each test image (the ablation: no information)"
+    )
+
+    def __init__(
+        self,
+        num_contexts: int | None = None,
+        *,
+        seed: int = 0,
+        like: str | Mapping[str, Any] | None = None,
+    ) -> None:
+        if like is None and num_contexts is None:
+            raise ValueError(
+                "random contexts need num_contexts, or a context kind whose group sizes they copy "
+                "(like=...; contexts.options.like in a config)."
+            )
+        if isinstance(like, Mapping):
+            unknown = sorted(set(like) - {"kind", "num_contexts", "options"})
+            if unknown or "kind" not in like:
+                raise ValueError(
+                    "like must be a context kind or a mapping with keys kind, num_contexts and "
+                    f"options; got {dict(like)!r}."
+                )
+        self.num_contexts = num_contexts or 0
+        self.seed = seed
+        self.like = like
+        self._reference: ContextBuilder | None = None
+
+    def fit(self, train: ImageData) -> RandomContexts:
+        """Fit the reference kind on the training split, then take K from it where unset."""
+        _check_not_empty(train, "train")
+        if self.like is not None:
+            reference = {"kind": self.like} if isinstance(self.like, str) else dict(self.like)
+            if reference["kind"] == "random":
+                raise ValueError("like must name a context kind other than 'random'.")
+            self._reference = build_contexts(
+                reference["kind"],
+                reference.get("num_contexts"),
+                train,
+                seed=self.seed,
+                **reference.get("options", {}),
+            )
+            self.num_contexts = self.num_contexts or self._reference.num_contexts
+        return self
+
+    def assign(self, data: ImageData) -> torch.Tensor:
+        """A random context per sample with the reference's group sizes on ``data``."""
+        if self.num_contexts == 0:
+            raise RuntimeError("RandomContexts.assign called before fit(train).")
+        reference = self._reference
+        if reference is not None and reference.num_contexts == self.num_contexts:
+            groups = reference.assign(data).numpy()
+        else:
+            groups = np.arange(len(data)) % self.num_contexts
+        draw = np.random.default_rng([self.seed, len(data)])
+        return torch.from_numpy(draw.permutation(groups).astype(np.int64))
 
 
 class ContextPredictor:

@@ -1,12 +1,21 @@
-"""Decoding image files into one uint8 tensor, resizing, and caching the decoded result."""
+"""Decoding image files into one uint8 tensor, resizing, and caching the decoded result.
+
+The decoded-image cache keeps each decoded file set as one tensor file in
+``<data root>/decoded`` (``$CONTEXTNORM_DATA/decoded``, or ``~/.cache/contextnorm/data/decoded``),
+so that later runs skip the decoding. Its size is capped at ``$CONTEXTNORM_CACHE_GB`` gigabytes
+(10 by default): the least recently used files go first. ``contextnorm cache`` shows it and
+``contextnorm cache --clear`` empties it.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +33,67 @@ IMAGE_EXTENSIONS = frozenset(
 )
 _RESIZE_CHUNK = 4096
 _CACHE_FORMAT_VERSION = 1
+CACHE_LIMIT_VARIABLE = "CONTEXTNORM_CACHE_GB"
+DEFAULT_CACHE_LIMIT_GB = 10.0
+_BYTES_PER_GB = 1024**3
+
+
+def cache_folder() -> Path:
+    """Where decoded image sets are cached: ``default_data_root() / "decoded"``."""
+    return default_data_root() / "decoded"
+
+
+def cache_limit_bytes() -> int:
+    """The cache's size cap: ``$CONTEXTNORM_CACHE_GB`` gigabytes, 10 by default (0 disables)."""
+    text = os.environ.get(CACHE_LIMIT_VARIABLE)
+    try:
+        limit = DEFAULT_CACHE_LIMIT_GB if text is None else float(text)
+    except ValueError:
+        raise ValueError(
+            f"${CACHE_LIMIT_VARIABLE} must be a number of gigabytes; got {text!r}"
+        ) from None
+    return int(max(0.0, limit) * _BYTES_PER_GB)
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One cached decoded image set."""
+
+    path: Path
+    size: int
+    last_used: float
+
+
+def cache_entries() -> list[CacheEntry]:
+    """The cached files, least recently used first."""
+    folder = cache_folder()
+    if not folder.is_dir():
+        return []
+    entries = []
+    for path in folder.glob("*.pt"):
+        status = path.stat()
+        entries.append(CacheEntry(path, status.st_size, status.st_mtime))
+    return sorted(entries, key=lambda entry: entry.last_used)
+
+
+def clear_cache() -> list[CacheEntry]:
+    """Delete every cached file; returns what was deleted."""
+    removed = cache_entries()
+    for entry in removed:
+        entry.path.unlink(missing_ok=True)
+    return removed
+
+
+def _evict(limit: int, keep: Path) -> None:
+    """Delete the least recently used files until the cache fits ``limit`` (never ``keep``)."""
+    entries = cache_entries()
+    total = sum(entry.size for entry in entries)
+    for entry in entries:
+        if total <= limit:
+            break
+        if entry.path != keep:
+            entry.path.unlink(missing_ok=True)
+            total -= entry.size
 
 
 def resize_images(images: torch.Tensor, image_size: int | None) -> torch.Tensor:
@@ -69,22 +139,26 @@ def load_image_files(
             are greyscale, and greyscale ones are repeated to three channels when any is in colour.
         cache_name: prefix of the cache file name, for a human browsing the cache folder.
 
-    The cache lives in ``default_data_root()/decoded`` and is keyed by the absolute file paths,
-    their byte sizes and the decoding options, so a changed or moved file set is decoded again.
+    The cache (see the module docstring) is keyed by the absolute file paths, their byte sizes
+    and the decoding options, so a changed or moved file set is decoded again.
     """
-    cache_file = (
-        default_data_root()
-        / "decoded"
-        / f"{cache_name}-{_cache_key(paths, image_size, force_rgb)}.pt"
-    )
+    cache_file = cache_folder() / f"{cache_name}-{_cache_key(paths, image_size, force_rgb)}.pt"
     if cache_file.exists():
         images = torch.load(cache_file, weights_only=True)
         if isinstance(images, torch.Tensor) and len(images) == len(paths):
+            # The modification time marks the last use: the least recently used go first.
+            os.utime(cache_file)
             return images
     log.info("decoding %d images (cached afterwards in %s)", len(paths), cache_file)
     images = _decode(paths, image_size, force_rgb)
+    limit = cache_limit_bytes()
+    size = images.numel() * images.element_size()
+    if size > limit:
+        log.info("not caching %s: %d bytes exceed the cache limit of %d", cache_file, size, limit)
+        return images
     try:
         atomic_write(cache_file, lambda temporary: torch.save(images, temporary))
+        _evict(limit, keep=cache_file)
     except OSError as error:
         warnings.warn(
             f"could not cache decoded images in {cache_file} ({error}); they will be decoded "
@@ -108,7 +182,7 @@ def _decode(paths: Sequence[Path], image_size: int | None, force_rgb: bool) -> t
     if len(sizes) > 1:
         raise ValueError(
             f"the images have {len(sizes)} different sizes (e.g. {sorted(sizes)[:3]}); "
-            "pass image_size=... to resize them to one square size."
+            "set an image_size (data.image_size in a config) to resize them to one square size."
         )
     channels = max(image.shape[0] for image in decoded)
     return torch.stack([image.expand(channels, -1, -1) for image in decoded])

@@ -36,6 +36,20 @@ def default_data_root() -> Path:
     )
 
 
+class MissingFilesError(FileNotFoundError):
+    """Data files are missing.
+
+    Attributes:
+        details: which files are missing, where they go and where to get them.
+        advice: how to fetch them from where the data set was loaded (a call or a config key).
+    """
+
+    def __init__(self, details: str, advice: str) -> None:
+        super().__init__(f"{details}\n{advice}" if advice else details)
+        self.details = details
+        self.advice = advice
+
+
 @dataclass(frozen=True)
 class RemoteFile:
     """A file as its authors publish it.
@@ -80,7 +94,7 @@ def ensure_files(
     """Make sure every path in ``required`` (relative to ``root``) exists, downloading if allowed.
 
     Raises:
-        FileNotFoundError: files are missing and could not be downloaded; the message names each
+        MissingFilesError: files are missing and could not be downloaded; the message names each
             missing path, the file to fetch, where it goes, and its URL.
     """
     missing = _missing(root, required)
@@ -116,12 +130,13 @@ def ensure_files(
             else f"put it in {root}/"
         )
         lines.append(f"  {remote.urls[0]} (md5 {remote.md5}): {action}")
-    if not download:
-        lines.append(
-            f"or call load_dataset({dataset_name!r}, root={str(root)!r}, download=True) "
-            "where a network is available."
-        )
-    raise FileNotFoundError("\n".join(lines) + failure)
+    advice = (
+        ""
+        if download
+        else f"Or call load_dataset({dataset_name!r}, root={str(root)!r}, download=True) where "
+        "a network is available."
+    )
+    raise MissingFilesError("\n".join(lines) + failure, advice)
 
 
 def _missing(root: Path, required: Sequence[str]) -> list[str]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import scipy.io
@@ -30,13 +32,18 @@ class DatasetFormat:
         title: human-readable name for messages.
         required: split -> paths (relative to the data set's directory) that must exist.
         remote_files: the official files that supply those paths.
-        read: (directory, split, image_size) -> ImageData, called once the paths exist.
+        read: ``read(directory, split, image_size, **options) -> ImageData``, called once the
+            paths exist; its keyword arguments after ``image_size`` are the data set's options
+            (``data.options`` in a config).
+        root: ``"default"``: the directory defaults to ``default_data_root() / name``;
+            ``"required"``: it must be given; ``"ignored"``: the data need no files.
     """
 
     title: str
     required: Callable[[str], tuple[str, ...]]
     remote_files: tuple[RemoteFile, ...]
-    read: Callable[[Path, str, int | None], ImageData]
+    read: Callable[..., ImageData]
+    root: Literal["default", "required", "ignored"] = "default"
 
 
 # --- MNIST: IDX files -----------------------------------------------------------------------
@@ -348,12 +355,24 @@ OXFORD_PET = DatasetFormat(
 # --- image folder: root/<class>/<image>, optionally under root/train and root/test ----------------
 
 
-def read_image_folder(directory: Path, split: str, image_size: int | None) -> ImageData:
+def read_image_folder(
+    directory: Path, split: str, image_size: int | None, domains: str | None = None
+) -> ImageData:
     """Read ``directory/<split>/<class>/*`` when ``directory/train`` or ``directory/test`` exists,
     else ``directory/<class>/*`` as the train split (a flat tree has no test split).
 
     Classes are the sorted class-folder names over all splits, so train and test labels agree
     even when a class is missing from one split. Hidden folders (".name") are not classes.
+
+    Args:
+        directory: the image folder.
+        split: ``"train"`` or ``"test"``.
+        image_size: resize to this square size; ``None`` keeps the size.
+        domains: a CSV file (relative to ``directory``, or absolute) that gives each image a
+            domain, for ``domain`` contexts: a header row naming a ``path`` column (the image's
+            path relative to ``directory``, e.g. ``train/cat/001.jpg``) and a ``domain`` column
+            (an id from 0, or a name; names are numbered in sorted order). Every image needs a
+            row.
     """
     if not directory.is_dir():
         raise FileNotFoundError(
@@ -363,8 +382,9 @@ def read_image_folder(directory: Path, split: str, image_size: int | None) -> Im
     split_folders = [directory / name for name in SPLITS if (directory / name).is_dir()]
     if not split_folders and split != "train":
         raise ValueError(
-            f"{directory} has no train/ and test/ folders, so it holds one split only: load it "
-            "with split='train' and divide it yourself (ImageData.subset)."
+            f"{directory} has no train/ and test/ folders, so it holds a training split only; "
+            f"put the images in {directory}/train/<class>/ and {directory}/test/<class>/ for a "
+            "test split (or, in Python, divide the train split with ImageData.subset)."
         )
     folder = directory / split if split_folders else directory
     if not folder.is_dir():
@@ -393,12 +413,73 @@ def read_image_folder(directory: Path, split: str, image_size: int | None) -> Im
             f"extensions {sorted(IMAGE_EXTENSIONS)}."
         )
     paths, labels = zip(*samples, strict=True)
+    domain_ids, domain_names = (None, None)
+    if domains is not None:
+        domain_ids, domain_names = _read_domains(directory, domains, paths)
     images = load_image_files(
         paths, image_size=image_size, force_rgb=False, cache_name=f"image-folder-{split}"
     )
-    return ImageData(images, torch.tensor(labels, dtype=torch.int64), classes)
+    return ImageData(
+        images,
+        torch.tensor(labels, dtype=torch.int64),
+        classes,
+        domains=domain_ids,
+        domain_names=domain_names,
+    )
+
+
+_PATH_COLUMN = "path"
+_DOMAIN_COLUMNS = ("domain", "context")
+
+
+def _read_domains(
+    directory: Path, table: str, paths: tuple[Path, ...]
+) -> tuple[torch.Tensor, list[str]]:
+    """Each image's domain id from the CSV ``table``, and the domain names."""
+    path = Path(table).expanduser()
+    path = path if path.is_absolute() else directory / path
+    if not path.is_file():
+        raise FileNotFoundError(f"domains file {path} does not exist.")
+    with path.open(newline="", encoding="utf-8-sig") as stream:
+        reader = csv.DictReader(stream)
+        header = [name.strip().lower() for name in reader.fieldnames or []]
+        column = next((name for name in _DOMAIN_COLUMNS if name in header), None)
+        if _PATH_COLUMN not in header or column is None:
+            raise ValueError(
+                f"{path} must start with a header row naming a 'path' column and a 'domain' "
+                f"column; its header is {reader.fieldnames}."
+            )
+        rows = [
+            {key.strip().lower(): value.strip() for key, value in row.items()} for row in reader
+        ]
+    root = directory.resolve()
+    listed = {}
+    for number, row in enumerate(rows, start=2):
+        if not row[_PATH_COLUMN] or not row[column]:
+            raise ValueError(f"{path}, line {number}: the path or the domain is empty.")
+        listed[(root / row[_PATH_COLUMN]).resolve()] = row[column]
+    values = sorted(set(listed.values()))
+    if all(value.isdigit() for value in values):
+        count = max(int(value) for value in values) + 1
+        names = [f"domain {index}" for index in range(count)]
+        ids = {value: int(value) for value in values}
+    else:
+        names = values
+        ids = {value: index for index, value in enumerate(values)}
+    wanted = [image.resolve() for image in paths]
+    missing = [image.relative_to(root).as_posix() for image in wanted if image not in listed]
+    if missing:
+        raise ValueError(
+            f"{path} gives no domain for {len(missing)} of the {len(wanted)} images, e.g. "
+            f"{missing[:3]}; add a row for each (paths relative to {directory})."
+        )
+    return torch.tensor([ids[listed[image]] for image in wanted], dtype=torch.int64), names
 
 
 IMAGE_FOLDER = DatasetFormat(
-    title="Image folder", required=lambda split: (), remote_files=(), read=read_image_folder
+    title="Image folder",
+    required=lambda split: (),
+    remote_files=(),
+    read=read_image_folder,
+    root="required",
 )

@@ -94,8 +94,8 @@ class ImageData:
         height, width = self.images.shape[-2:]
         if height != width:
             raise ValueError(
-                f"images are {height}x{width}, not square; pass image_size=... to load_dataset "
-                "to resize them."
+                f"images are {height}x{width}, not square; set an image_size (data.image_size in a "
+                "config) to resize them."
             )
         return height
 

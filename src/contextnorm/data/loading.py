@@ -1,25 +1,44 @@
-"""``load_dataset``: one entry point for every supported data set."""
+"""``load_dataset``: one entry point for every registered data set (:data:`DATASETS`)."""
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
+from typing import Any
 
 from contextnorm.data import formats
-from contextnorm.data.digits import load_digits_domains
+from contextnorm.data.digits import DIGITS
 from contextnorm.data.files import default_data_root, ensure_files
 from contextnorm.data.image_data import ImageData
+from contextnorm.registry import Registry
 
-_FORMATS: dict[str, formats.DatasetFormat] = {
-    "mnist": formats.MNIST,
-    "cifar10": formats.CIFAR10,
-    "cifar100": formats.CIFAR100,
-    "svhn": formats.SVHN,
-    "tiny-imagenet": formats.TINY_IMAGENET,
-    "oxford-pet": formats.OXFORD_PET,
-    "image-folder": formats.IMAGE_FOLDER,
-}
-DATASETS: tuple[str, ...] = ("digits", *_FORMATS)
+DATASETS: Registry[formats.DatasetFormat] = Registry("data set")
+"""Data sets by name (``data.name`` in a config); each entry is a :class:`DatasetFormat`."""
+
+DATASETS.register(
+    "digits", DIGITS, summary="scikit-learn's 8x8 digits in two visual domains (embedded)"
+)
+DATASETS.register("mnist", formats.MNIST, summary="MNIST, the four IDX files")
+DATASETS.register("cifar10", formats.CIFAR10, summary="CIFAR-10, the official Python batches")
+DATASETS.register(
+    "cifar100", formats.CIFAR100, summary="CIFAR-100 with its 20 superclasses as coarse labels"
+)
+DATASETS.register("svhn", formats.SVHN, summary="SVHN cropped digits, the .mat files")
+DATASETS.register(
+    "tiny-imagenet", formats.TINY_IMAGENET, summary="Tiny ImageNet (the val folder as test)"
+)
+DATASETS.register(
+    "oxford-pet", formats.OXFORD_PET, summary="Oxford-IIIT Pet, species as coarse labels"
+)
+DATASETS.register(
+    "image-folder",
+    formats.IMAGE_FOLDER,
+    summary="your images: root/{train,test}/<class>/<image>, domains from a CSV file",
+)
+
+# The arguments every reader takes; what follows them are the data set's own options.
+_READ_ARGUMENTS = 3
 
 
 def load_dataset(
@@ -29,11 +48,12 @@ def load_dataset(
     *,
     download: bool = False,
     image_size: int | None = None,
+    **options: Any,
 ) -> ImageData:
     """Load one split of a data set into memory.
 
     Args:
-        name: one of ``DATASETS``:
+        name: a registered data set:
 
             * ``"digits"``: the embedded default, scikit-learn's 8x8 handwritten digits in two
               visual domains (see ``contextnorm.data.digits``); needs no files, ``root`` is ignored.
@@ -54,34 +74,40 @@ def load_dataset(
               ``root/test`` exists, else ``root/<class>/<image>`` as a train split only.
               Greyscale stays one channel unless some image is in colour.
 
-            Decoded JPEG/PNG sets (Tiny ImageNet, Pet, image folder) are cached as tensors under
-            ``default_data_root()/decoded``.
+            Decoded JPEG/PNG sets (Tiny ImageNet, Pet, image folder) are cached as tensors
+            (see ``contextnorm.data.decode``).
         root: the data set's own directory; ``None`` means ``default_data_root() / name``.
         split: ``"train"`` or ``"test"``.
         download: fetch missing official files (checked against their published MD5) into ``root``.
         image_size: resize the images to this square size; ``None`` keeps their size.
+        **options: the data set's own options (for ``image-folder``: ``domains``).
 
     Raises:
-        ValueError: unknown ``name`` or ``split``, or unusable ``image_size``.
+        ValueError: unknown ``name``, ``split`` or option, or unusable ``image_size``.
         FileNotFoundError: the files are missing (and could not be downloaded); the message says
             which files go where and where to get them.
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}.")
+    dataset_format = DATASETS.get(name)
     if split not in formats.SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(formats.SPLITS)}.")
     if image_size is not None and (
         isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
     ):
         raise ValueError(f"image_size must be a positive int or None; got {image_size!r}.")
-    if name == "digits":
-        return load_digits_domains(split, image_size)
-    if root is None and name == "image-folder":
+    accepted = list(inspect.signature(dataset_format.read).parameters)[_READ_ARGUMENTS:]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
         raise ValueError(
-            "image-folder needs root: the folder that holds <class>/<image> or train/ and test/."
+            f"data set {name!r} has no option {unknown[0]!r}; "
+            f"its options: {', '.join(accepted) or 'none'}."
+        )
+    if dataset_format.root == "ignored":
+        return dataset_format.read(None, split, image_size, **options)
+    if root is None and dataset_format.root == "required":
+        raise ValueError(
+            f"{name} needs root: the folder that holds <class>/<image> or train/ and test/."
         )
     directory = Path(root).expanduser() if root is not None else default_data_root() / name
-    dataset_format = _FORMATS[name]
     ensure_files(
         f"{dataset_format.title} ({split} split)",
         directory,
@@ -90,4 +116,4 @@ def load_dataset(
         download=download,
         dataset_name=name,
     )
-    return dataset_format.read(directory, split, image_size)
+    return dataset_format.read(directory, split, image_size, **options)

@@ -6,11 +6,15 @@ Every layer in :mod:`contextnorm.layers` is a thin module over these functions, 
 The layers share one computational pattern, which is what keeps them fast whatever the
 number of contexts ``K``:
 
-1. one pass over the activations gives per-sample, per-channel moments (N, C);
+1. one pass over the activations gives per-sample, per-channel moments (N, C)
+   (:func:`sample_moments`);
 2. every statistic a layer needs (per context, per mode, BN/LN/IN) is a small weighted
-   combination of those moments, computed with matrix products on (N, C) and (K, C)
-   tensors, never with a Python loop over contexts;
-3. one more pass applies a per-sample affine map ``y = x * scale[n, c] + shift[n, c]``.
+   combination of those moments: sufficient statistics (count, shifted sum, shifted sum of
+   squares) per group (:func:`group_sums`), summable across processes, turned into means
+   and variances (:func:`group_moments`); scatters and matrix products on (N, C) and (K, C)
+   tensors, never a Python loop over contexts;
+3. one more pass applies a per-sample affine map ``y = x * scale[n, c] + shift[n, c]``
+   (:func:`affine_coefficients`, :func:`apply_sample_affine`).
 
 The mixture layers (ACN, MixNorm) need a posterior per position, so they work on a
 positions view of the activations instead, again with matrix products over components.
@@ -19,7 +23,7 @@ Shapes: ``x`` is (N, C), (N, C, *spatial) or, with ``channel_last=True``, (N, *,
 Internally it is viewed as (N, C, L) without copying where the layout allows.
 """
 
-from .context import context_norm, context_norm_x, sample_log_posterior
+from .context import context_affine, sample_log_posterior
 from .mixture import (
     MixtureStats,
     batch_mixture_norm,
@@ -38,19 +42,29 @@ from .mixture import (
     sample_positions,
 )
 from .moments import (
+    GroupSums,
     Moments,
     affine_coefficients,
     apply_sample_affine,
     as_ncl,
+    group_moments,
+    group_sums,
     pooled_moments,
     sample_moments,
+    statistics_dtype,
     update_running_moments,
+    without_autocast,
 )
 
 __all__ = [
     "as_ncl",
+    "statistics_dtype",
+    "without_autocast",
     "Moments",
     "sample_moments",
+    "GroupSums",
+    "group_sums",
+    "group_moments",
     "pooled_moments",
     "affine_coefficients",
     "apply_sample_affine",
@@ -67,11 +81,10 @@ __all__ = [
     "sample_log_posterior",
     "batch_mixture_norm",
     "mixture_transform",
+    "context_affine",
     "fit_diag_gmm",
     "kmeans_plus_plus",
     "match_components",
-    "context_norm",
-    "context_norm_x",
     "update_running_moments",
 ]
 

@@ -1,23 +1,43 @@
 """Per-sample moments, their pooling into group statistics, and the per-sample affine map.
 
-The context layers, ModeNorm and SwitchNorm share one computational pattern: one pass over
-the activations gives per-sample, per-channel moments (N, C); every statistic a layer needs
-is a small weighted combination of those moments; one more pass applies a per-sample affine
-map ``y = x * scale[n, c] + shift[n, c]``.
+The context layers, ModeNorm and SwitchNorm share one computational pattern:
+
+1. :func:`sample_moments`: one pass over the activations gives each sample's mean and
+   biased variance per channel (N, C);
+2. :func:`group_sums` -> :func:`group_moments`: the statistics of every group (context,
+   mode, the whole batch) are small weighted combinations of those moments, written as
+   sufficient statistics (count, shifted sum, shifted sum of squares) around a shift;
+3. :func:`affine_coefficients` and :func:`apply_sample_affine`: one more pass applies a
+   per-sample affine map ``y = x * scale[n, c] + shift[n, c]``.
+
+Precision. Statistics are computed in float32 (float64 for float64 input) whatever the input
+dtype, with autocast disabled by the callers: ``einsum`` and ``@`` are autocast ops and would
+lower widened tensors again. Per-sample moments use BatchNorm's own two-pass kernel, so they
+stay accurate far from zero; group variances are sums of squared deviations from a shift
+close to the group's mean, never ``E[x^2] - E[x]^2`` of raw values.
+
+Several processes. The group statistics of a batch split over processes are the sums of
+each process's :func:`group_sums`, provided every process uses the same shift (one all-reduce
+of ``K * (2C + 1)`` values); the shift only has to be near the data for accuracy (running
+means, or a shift exchanged first). Every function here is differentiable by autograd, so the
+backward of that all-reduce is the all-reduce of the gradients of the same sums.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+
 def as_ncl(x: Tensor, num_features: int, channel_last: bool = False) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """View ``x`` as (N, C, L) and return the view with a function mapping (N, C, L) back.
 
-    Raises a ``ValueError`` naming the expected layout when the channel count is wrong.
+    Raises a ``ValueError`` naming the expected layout when the channel count is wrong. An
+    empty batch (N = 0) is accepted, as BatchNorm accepts it.
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
@@ -33,79 +53,191 @@ def as_ncl(x: Tensor, num_features: int, channel_last: bool = False) -> tuple[Te
             f"expected {num_features} channels at dim {channel_dim} of an input laid out as {layout}, "
             f"got shape {tuple(x.shape)}{hint}"
         )
-    if x.shape[0] == 0:
-        raise ValueError("input has an empty batch (N = 0): there is nothing to normalise")
     shape = x.shape
     n = shape[0]
+    positions = 1
+    for size in (shape[2:] if channel_dim == 1 else shape[1:-1]):
+        positions *= size
     if channel_dim == 1:
-        return x.reshape(n, num_features, -1), lambda y: y.reshape(shape)
+        return x.reshape(n, num_features, positions), lambda y: y.reshape(shape)
     return (
-        x.reshape(n, -1, num_features).transpose(1, 2),
+        x.reshape(n, positions, num_features).transpose(1, 2),
         lambda y: y.transpose(1, 2).reshape(shape),
     )
 
 
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics of ``dtype`` activations are computed in: float32, or float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def without_autocast(x: Tensor) -> contextlib.AbstractContextManager:
+    """A block in which autocast does not lower operations on ``x``'s device (``@``, ``einsum``).
+
+    The layers compute their statistics inside it; outside autocast it is a no-op.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class Moments(NamedTuple):
-    """Per-sample, per-channel mean and biased variance over positions, each (N, C)."""
+    """Per-sample, per-channel mean and biased variance over positions, each (N, C), and the values.
+
+    ``values`` is the (N, C, L) input in the statistics' dtype (the input itself, or its
+    float32 copy for half-precision input), routed through the moments' backward: pass it
+    (not the raw input) to :func:`apply_sample_affine` so that the gradient of everything
+    computed from ``mean`` and ``var`` reaches the input in one fused pass, summed in float32
+    and rounded once, as BatchNorm's backward does.
+    """
 
     mean: Tensor
     var: Tensor
+    values: Tensor
 
 
 def sample_moments(x: Tensor) -> Moments:
     """Mean and biased variance of each (sample, channel) of ``x`` (N, C, L) over positions.
 
-    Two plain reductions (a sum and a sum of squares) instead of ``torch.var_mean``, which
-    on the CPU costs as much as a whole BatchNorm forward. The variance is
-    ``E[x^2] - E[x]^2`` accumulated in float32 (float64 for float64 input): accurate while
-    a sample's channel mean is within about 1e3 of its standard deviation.
-
-    When ``x`` requires grad, the moments are returned as fresh leaves: their gradient is
-    routed back to ``x`` by :func:`apply_sample_affine`, which must receive them, in one
-    fused backward pass instead of autograd's several.
+    Computed by BatchNorm's statistics kernel on the (1, N*C, L) view of ``x`` (a two-pass
+    reduction, accurate far from zero, and as fast as two plain sums), in float32 for
+    half-precision input. Channel-last input is copied once to make that view.
     """
-    with torch.no_grad():
-        wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        mean = wide.mean(2)
-        var = (torch.einsum("ncl,ncl->nc", wide, wide) / wide.shape[2] - mean * mean).clamp_min(0.0)
-    if x.requires_grad:
-        mean.requires_grad_()
-        var.requires_grad_()
-    return Moments(mean, var)
+    if torch.is_grad_enabled() and x.requires_grad:
+        mean, var, values = _SampleMoments.apply(x)
+        return Moments(mean, var, values)
+    return Moments(*_moments(x))
+
+
+def _moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean, variance and the values in the statistics dtype (``x`` itself when it has that dtype)."""
+    n, c, length = x.shape
+    wide = x.to(statistics_dtype(x.dtype))
+    if wide.numel() == 0:
+        empty = wide.new_zeros(n, c)
+        return empty, empty.clone(), wide
+    if length == 1:
+        flat = wide.reshape(n, c)
+        return flat.clone(), torch.zeros_like(flat), wide
+    if _traced():
+        # Compiled and exported graphs (ONNX among them) have no BatchNorm-statistics
+        # operator: the same accurate moments, as a reduction they lower (a fused Welford
+        # reduction in compiled code).
+        var, mean = torch.var_mean(wide, dim=2, correction=0)
+        return mean, var, wide
+    mean, var = torch.batch_norm_update_stats(wide.reshape(1, n * c, length), None, None, 0.0)
+    return mean.view(n, c), var.view(n, c), wide
+
+
+def _traced() -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+class _SampleMoments(torch.autograd.Function):
+    """``(mean, var, x)`` of ``x``, whose backward adds the moments' gradient to the values' in one pass.
+
+    With ``m = mean_l x`` and ``v = mean_l (x - m)^2``, ``dx = dvalues + dm / L + 2 dv (x - m) / L``.
+    Autograd calls this backward after every use of the three outputs has been differentiated.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        mean, var, wide = _moments(x)
+        ctx.save_for_backward(x, mean)
+        return mean, var, wide.view_as(wide)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_mean: Tensor, grad_var: Tensor, grad_values: Tensor) -> Tensor:  # type: ignore[override]
+        x, mean = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):
+            positions = x.shape[2]
+            slope = (2.0 / positions) * grad_var
+            offset = grad_mean / positions - slope * mean
+            grad = torch.addcmul(offset.unsqueeze(-1), x, slope.unsqueeze(-1))
+            return grad.add_(grad_values).to(x.dtype)
+
+
+class GroupSums(NamedTuple):
+    """Sufficient statistics of groups (K groups, C channels) relative to a shift.
+
+    ``count`` (K,): values per channel behind each group (``sum_n w_nk * L``);
+    ``sum`` (K, C): ``sum w (x - shift)``; ``sum_of_squares`` (K, C): ``sum w (x - shift)^2``.
+    The sums of several processes' ``GroupSums`` (same shift) are the ``GroupSums`` of their union.
+    """
+
+    count: Tensor
+    sum: Tensor
+    sum_of_squares: Tensor
+
+
+def group_sums(
+    mean: Tensor,
+    var: Tensor,
+    positions: int,
+    shift: Tensor,
+    weights: Tensor | None = None,
+    ids: Tensor | None = None,
+) -> GroupSums:
+    """:class:`GroupSums` of the samples whose moments are ``mean``, ``var`` (N, C).
+
+    Give either ``ids`` (N,), each sample's group, with a per-group ``shift`` (K, C): the sums
+    are scattered, whatever K; or ``weights`` (N, K), how much each sample counts for each
+    group (probabilities for soft assignments or ModeNorm's gates, zero rows for samples to
+    leave out, a column of ones for BatchNorm), with a shared ``shift`` (C,).
+    """
+    if ids is not None:
+        centred = mean - shift.index_select(0, ids)
+        empty = mean.new_zeros(shift.shape)
+        count = mean.new_zeros(shift.shape[0]).index_add_(0, ids, mean.new_ones(ids.shape)) * positions
+        first_sum = empty.index_add(0, ids, centred)
+        second_sum = empty.index_add(0, ids, torch.addcmul(var, centred, centred))
+    else:
+        if weights is None:
+            raise ValueError("group_sums needs the samples' ids or weights")
+        centred = mean - shift
+        count = weights.sum(0) * positions
+        first_sum = weights.t() @ centred
+        second_sum = weights.t() @ torch.addcmul(var, centred, centred)
+    return GroupSums(count, first_sum * positions, second_sum * positions)
+
+
+def group_moments(sums: GroupSums, shift: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance (K, C) from :class:`GroupSums`; a group with no data gets ``shift`` and 0."""
+    count = sums.count.clamp_min(torch.finfo(sums.sum.dtype).tiny).unsqueeze(1)
+    offset = sums.sum / count
+    var = (sums.sum_of_squares / count - offset * offset).clamp_min(0.0)
+    return shift + offset, var
 
 
 def pooled_moments(
-    mean: Tensor, var: Tensor, weights: Tensor, positions: int, ids: Tensor | None = None
+    mean: Tensor,
+    var: Tensor,
+    positions: int,
+    weights: Tensor | None = None,
+    ids: Tensor | None = None,
+    num_groups: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Combine per-sample moments into per-group moments with sample weights.
+    """Group mean, biased variance (K, C) and count (K,) of one process's batch.
 
-    ``weights`` (N, K) says how much each sample counts for each group: a one-hot matrix for
-    hard contexts, probabilities for soft assignments or ModeNorm's gates, a column of ones
-    for BatchNorm. When the weights are one-hot, passing the ids (N,) as well lets the sums
-    be scattered instead of multiplied by the (N, K) matrix, which matters for large K.
-    Returns the group mean and biased variance (K, C) and the group mass (K,), the number
-    of values per channel behind each group (``sum_n w_nk * positions``).
-
-    The variance adds the within-sample variances to the spread of the sample means around
-    a per-channel reference; the reference (the batch mean) keeps the subtraction away from
-    the cancellation that ``E[x^2] - E[x]^2`` suffers when the mean is large.
+    Groups are given by ``ids`` with ``num_groups``, or by ``weights`` (see :func:`group_sums`).
+    The shift is each group's own mean of sample means (ids), or the batch's mean over samples
+    (weights): a two-pass computation on the small (N, C) moments, so the variance stays
+    accurate whatever the distance of the data from zero.
     """
-    weights = weights.to(mean.dtype)
-    sample_mass = weights.sum(0)
-    share = weights / sample_mass.clamp_min(torch.finfo(mean.dtype).tiny)
-    reference = mean.mean(0).detach()
-    centred = mean - reference
-    spread = var + centred * centred
-    if ids is None:
-        group_centred = share.t() @ centred
-        group_second = share.t() @ spread
-    else:
-        sample_share = share.gather(1, ids.unsqueeze(1))
-        empty = mean.new_zeros(weights.shape[1], mean.shape[1])
-        group_centred = empty.index_add(0, ids, centred * sample_share)
-        group_second = empty.index_add(0, ids, spread * sample_share)
-    group_var = group_second - group_centred * group_centred
-    return group_centred + reference, group_var.clamp_min(0.0), sample_mass * positions
+    with torch.no_grad():
+        if ids is not None:
+            if num_groups is None:
+                raise ValueError("pooled_moments needs num_groups with ids")
+            empty = mean.new_zeros(num_groups, mean.shape[1])
+            total = empty.index_add(0, ids, mean)
+            mass = mean.new_zeros(num_groups).index_add_(0, ids, mean.new_ones(ids.shape)).clamp_min(1.0)
+            shift = total / mass.unsqueeze(1)
+        else:
+            shift = mean.mean(0) if mean.shape[0] else mean.new_zeros(mean.shape[1])
+    sums = group_sums(mean, var, positions, shift, weights, ids)
+    group_mean, group_var = group_moments(sums, shift)
+    return group_mean, group_var, sums.count
 
 
 def affine_coefficients(
@@ -126,79 +258,45 @@ def affine_coefficients(
         scale = scale * gain
     if weight is not None:
         scale = scale * weight
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias
+    shift = -mean * scale if bias is None else torch.addcmul(bias, mean, scale, value=-1.0)
     return scale, shift
 
 
-def apply_sample_affine(x: Tensor, scale: Tensor, shift: Tensor, moments: Moments | None = None) -> Tensor:
+def apply_sample_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``x * scale + shift`` for ``x`` (N, C, L) and per-sample coefficients (N, C), in ``x``'s dtype.
 
-    ``moments``: the :func:`sample_moments` of ``x`` that ``scale`` and ``shift`` were computed
-    from, if any; their gradient reaches ``x`` here. Any use of the moments that should
-    carry gradient must flow into ``scale`` or ``shift``.
+    Computed in the coefficients' precision (float32 for half-precision ``x``) and rounded
+    once, as BatchNorm does. Pass :attr:`Moments.values` as ``x`` when the coefficients were
+    computed from the moments.
     """
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad):
-        return _SampleAffine.apply(x, scale, shift, moments)
-    return torch.addcmul(shift.to(x.dtype).unsqueeze(-1), x, scale.to(x.dtype).unsqueeze(-1))
+        return _SampleAffine.apply(x, scale, shift)
+    return _affine(x, scale, shift)
+
+
+def _affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    return torch.addcmul(shift.unsqueeze(-1), x, scale.unsqueeze(-1)).to(x.dtype)
 
 
 class _SampleAffine(torch.autograd.Function):
-    """``y = x * scale + shift`` whose backward also carries the gradient of the sample moments.
-
-    With ``m = mean_l x`` and ``v = mean_l x^2 - m^2``, the input gradient is
-    ``g * scale + x * (2 dv / L) + (dm - 2 dv m) / L``: two fused passes. ``dm, dv`` come
-    from differentiating the small graph ``(m, v) -> (scale, shift)`` inside this backward;
-    autograd then continues through that same graph to the layer's parameters.
-    """
+    """``y = x * scale + shift`` with the coefficient gradients reduced in one pass each."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, shift: Tensor, moments: Moments | None) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x, scale, shift)
-        ctx.moments = moments
-        return torch.addcmul(shift.to(x.dtype).unsqueeze(-1), x, scale.to(x.dtype).unsqueeze(-1))
+    def forward(ctx, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, scale)
+        return _affine(x, scale, shift)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, scale, shift = ctx.saved_tensors
-        wide_grad = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
-        wide_x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        grad_scale = torch.einsum("ncl,ncl->nc", wide_grad, wide_x).to(scale.dtype)
-        grad_shift = wide_grad.sum(2).to(shift.dtype)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad * scale.to(grad.dtype).unsqueeze(-1)
-            moment_grads = _moment_grads(ctx.moments, scale, shift, grad_scale, grad_shift)
-            if moment_grads is not None:
-                positions = x.shape[2]
-                grad_mean, grad_var = moment_grads
-                slope = 2.0 * grad_var / positions
-                offset = grad_mean / positions - slope * ctx.moments.mean
-                grad_x.addcmul_(x, slope.to(grad.dtype).unsqueeze(-1)).add_(offset.to(grad.dtype).unsqueeze(-1))
-        return grad_x, grad_scale, grad_shift, None
-
-
-def _moment_grads(
-    moments: Moments | None, scale: Tensor, shift: Tensor, grad_scale: Tensor, grad_shift: Tensor
-) -> tuple[Tensor, Tensor] | None:
-    if moments is None or not moments.mean.requires_grad:
-        return None
-    outputs = [t for t in (scale, shift) if t.requires_grad]
-    grads = [g for t, g in ((scale, grad_scale), (shift, grad_shift)) if t.requires_grad]
-    if not outputs:
-        return None
-    with torch.enable_grad():
-        grad_mean, grad_var = torch.autograd.grad(
-            outputs, (moments.mean, moments.var), grads, retain_graph=True, allow_unused=True
-        )
-    if grad_mean is None and grad_var is None:
-        return None
-    return (
-        torch.zeros_like(moments.mean) if grad_mean is None else grad_mean,
-        torch.zeros_like(moments.var) if grad_var is None else grad_var,
-    )
+        x, scale = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):
+            wide = statistics_dtype(x.dtype)
+            wide_grad, wide_x = grad.to(wide), x.to(wide)
+            grad_scale = torch.einsum("ncl,ncl->nc", wide_grad, wide_x).to(scale.dtype)
+            grad_shift = wide_grad.sum(2).to(scale.dtype)
+            grad_x = (wide_grad * scale.unsqueeze(-1)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_scale, grad_shift
 
 
 def update_running_moments(
@@ -206,26 +304,19 @@ def update_running_moments(
     running_var: Tensor,
     batch_mean: Tensor,
     batch_var: Tensor,
-    mass: Tensor,
+    count: Tensor,
     momentum: float | Tensor,
 ) -> None:
     """BatchNorm's running update, per group, for the groups that had data in the batch.
 
-    The variance is stored unbiased (``mass / (mass - 1)``), as BatchNorm does; a group with
-    mass 0 keeps its running statistics untouched. ``momentum`` may be a (K,) tensor (the
-    cumulative average of ``momentum=None``).
+    The variance is stored unbiased (``count / (count - 1)``), as BatchNorm does; a group with
+    count 0 keeps its running statistics untouched. ``momentum`` may be a (K,) tensor (the
+    cumulative average of ``momentum=None``). No value is read on the host.
     """
     with torch.no_grad():
-        present = (mass > 0).unsqueeze(1)
-        correction = (mass / (mass - 1).clamp_min(1e-12)).where(mass > 1, torch.ones_like(mass)).unsqueeze(1)
+        present = count > 0
+        correction = torch.where(count > 1, count / (count - 1).clamp_min(1.0), torch.ones_like(count))
         rate = momentum.unsqueeze(1) if isinstance(momentum, Tensor) else momentum
-        new_mean = running_mean + rate * (batch_mean.detach().to(running_mean.dtype) - running_mean)
-        new_var = running_var + rate * ((batch_var.detach() * correction).to(running_var.dtype) - running_var)
-        running_mean.copy_(torch.where(present, new_mean, running_mean))
-        running_var.copy_(torch.where(present, new_var, running_var))
-
-
-def _channels(x: Tensor, channel_last: bool) -> int:
-    if x.dim() < 2:
-        raise ValueError(f"input must have at least 2 dimensions (N, C, ...), got shape {tuple(x.shape)}")
-    return x.shape[-1] if channel_last and x.dim() > 2 else x.shape[1]
+        rate = rate * present.unsqueeze(1).to(running_mean.dtype)
+        running_mean.lerp_(batch_mean.detach().to(running_mean.dtype), rate)
+        running_var.lerp_((batch_var.detach() * correction.unsqueeze(1)).to(running_var.dtype), rate)

@@ -11,10 +11,11 @@
 | SwitchNorm   | ``SwitchNorm``         | SwitchNorm (Luo et al.)                                 |
 """
 
+from .assignment import CheckedContext, check_context
 from .baselines import ModeNorm, SwitchNorm
 from .context import ContextNorm, ContextNormE, ContextNormX
 from .mixture import AdaptiveContextNorm, MixtureNorm
-from .routing import ContextualModel, convert, use_context, uses_context
+from .routing import ContextualModel, checkpoint, convert, use_context, uses_context
 
 __all__ = [
     "ContextNorm",
@@ -28,4 +29,7 @@ __all__ = [
     "convert",
     "use_context",
     "uses_context",
+    "checkpoint",
+    "check_context",
+    "CheckedContext",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from typing import Any, TypeVar
 
 import torch
@@ -26,6 +27,20 @@ def check_count(name: str, value: object) -> int:
     return value
 
 
+def renamed_count(name: str, value: int | None, old_name: str, old_value: int | None) -> int:
+    """The count given as ``name``, or as its former name ``old_name`` with a ``FutureWarning``."""
+    if old_value is not None:
+        warnings.warn(
+            f"{old_name} is renamed {name}; pass {name}={old_value} instead", FutureWarning, stacklevel=3
+        )
+        if value is not None and value != old_value:
+            raise ValueError(f"{name}={value!r} and {old_name}={old_value!r} disagree; pass {name} alone")
+        value = old_value
+    if value is None:
+        raise TypeError(f"missing the required argument {name}")
+    return check_count(name, value)
+
+
 def check_momentum(momentum: object, allow_none: bool) -> float | None:
     if momentum is None and allow_none:
         return None
@@ -36,11 +51,24 @@ def check_momentum(momentum: object, allow_none: bool) -> float | None:
 
 
 class NormBase(nn.Module):
-    """Base of the layers: ``num_features``, ``eps``, ``affine``, the input layout, BatchNorm conversion."""
+    """Base of the layers: ``num_features``, ``eps``, ``affine``, the input layout, BatchNorm conversion.
+
+    Every layer's forward is ``forward(x, context=...)``; layers without contexts ignore
+    ``context``, so a model can call any norm the same way. ``device`` and ``dtype`` place the
+    parameters and buffers, as PyTorch's factory arguments do.
+    """
 
     uses_context = False
 
-    def __init__(self, num_features: int, eps: float, affine: bool, channel_last: bool) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float,
+        affine: bool,
+        channel_last: bool,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.num_features = check_count("num_features", num_features)
         if not eps > 0:
@@ -48,11 +76,12 @@ class NormBase(nn.Module):
         self.eps = float(eps)
         self.affine = bool(affine)
         self.channel_last = bool(channel_last)
+        self._factory = {"device": device, "dtype": dtype}
 
     def _init_affine(self, shape: tuple[int, ...]) -> None:
         if self.affine:
-            self.weight = nn.Parameter(torch.ones(shape))
-            self.bias = nn.Parameter(torch.zeros(shape))
+            self.weight = nn.Parameter(torch.ones(shape, **self._factory))
+            self.bias = nn.Parameter(torch.zeros(shape, **self._factory))
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -62,22 +91,31 @@ class NormBase(nn.Module):
             nn.init.ones_(self.weight)
             nn.init.zeros_(self.bias)
 
-    def _stats_dtype(self) -> torch.dtype:
-        """The dtype of the small statistics tensors: the parameters' (float32 under autocast)."""
-        for tensor in (*self.parameters(), *self.buffers()):
-            if tensor.is_floating_point():
-                return tensor.dtype
-        return torch.get_default_dtype()
-
     @classmethod
     def from_batchnorm(cls: type[_Layer], bn: nn.modules.batchnorm._BatchNorm, *args: Any, **options: Any) -> _Layer:
-        """A layer of this class that starts from what ``bn`` learned (see :func:`contextnorm.convert`)."""
+        """A layer of this class that starts from what ``bn`` learned (see :func:`contextnorm.convert`).
+
+        Carries over ``eps``, ``momentum``, ``affine``, ``track_running_stats`` (where this
+        class has them), the device, the dtype and the ``training`` flag.
+        """
+        if isinstance(bn, nn.modules.lazy.LazyModuleMixin) and bn.has_uninitialized_params():
+            raise ValueError(
+                f"{bn.__class__.__name__} has not seen an input yet, so its number of features is unknown; "
+                "run one forward pass through the model before converting it"
+            )
         accepted = inspect.signature(cls).parameters
         for name in ("eps", "momentum", "affine", "track_running_stats"):
             if name in accepted and name not in options:
                 options[name] = getattr(bn, name)
+        reference = bn.weight if bn.weight is not None else bn.running_mean
+        if reference is not None:
+            for name, value in (("device", reference.device), ("dtype", reference.dtype)):
+                if name in accepted and name not in options:
+                    options[name] = value
         layer = cls(bn.num_features, *args, **options)
-        layer = layer.to(dtype=bn.weight.dtype if bn.weight is not None else torch.get_default_dtype())
+        if reference is not None and "dtype" not in accepted:
+            layer = layer.to(device=reference.device, dtype=reference.dtype)
+        layer.train(bn.training)
         with torch.no_grad():
             if layer.affine and bn.affine:
                 layer.weight.copy_(bn.weight.expand_as(layer.weight))
@@ -101,9 +139,12 @@ class RunningStatsMixin:
         """``count_per_group``: count batches per group (CN's contexts need not appear in every batch)."""
         self.track_running_stats = bool(track)
         if track:
-            self.register_buffer("running_mean", torch.zeros(groups, num_features))
-            self.register_buffer("running_var", torch.ones(groups, num_features))
-            batches = torch.zeros(groups, dtype=torch.long) if count_per_group else torch.tensor(0, dtype=torch.long)
+            factory = self._factory  # type: ignore[attr-defined]
+            device = factory["device"]
+            self.register_buffer("running_mean", torch.zeros(groups, num_features, **factory))
+            self.register_buffer("running_var", torch.ones(groups, num_features, **factory))
+            shape = (groups,) if count_per_group else ()
+            batches = torch.zeros(shape, dtype=torch.long, device=device)
             self.register_buffer("num_batches_tracked", batches)
         else:
             self.register_buffer("running_mean", None)
@@ -111,6 +152,7 @@ class RunningStatsMixin:
             self.register_buffer("num_batches_tracked", None)
 
     def reset_running_stats(self) -> None:
+        """Running estimates back to mean 0, variance 1, no batch counted (parameters untouched)."""
         if self.track_running_stats:
             self.running_mean.zero_()
             self.running_var.fill_(1.0)
@@ -120,3 +162,14 @@ class RunningStatsMixin:
         if self.track_running_stats:
             self.running_mean.copy_(mean.expand_as(self.running_mean))
             self.running_var.copy_(var.expand_as(self.running_var))
+
+    def _running_momentum(self, present: Tensor) -> float | Tensor:
+        """Count the batch for the groups ``present`` (K,) and return the update's momentum.
+
+        ``momentum=None`` is BatchNorm's cumulative average, ``1 / batches counted``, per group.
+        """
+        self.num_batches_tracked.add_(present.to(self.num_batches_tracked.dtype))
+        momentum = self.momentum  # type: ignore[attr-defined]
+        if momentum is not None:
+            return momentum
+        return self.num_batches_tracked.clamp_min(1).to(self.running_mean.dtype).reciprocal().expand(present.shape)

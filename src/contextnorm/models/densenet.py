@@ -1,4 +1,4 @@
-"""DenseNet for CIFAR-sized images (Huang et al. 2017), as used in 002 Tables I-IV."""
+"""DenseNet for CIFAR-sized images (Huang et al. 2017), as in Faye et al. 2024b, Tables I-IV."""
 
 from __future__ import annotations
 
@@ -55,9 +55,9 @@ class DenseNet(NormSiteModel):
     Each dense layer is norm-ReLU-conv3x3 (with ``bottleneck``, norm-ReLU-conv1x1 to
     ``4 * growth_rate`` maps first); each transition is norm-ReLU-conv1x1-avgpool2 and keeps
     ``floor(compression * channels)`` maps; the head is norm-ReLU, global average pooling and a
-    linear classifier. Every norm of this list is a norm site, in forward order; 002 replaces all
-    of them (``placement="all"``). DenseNet-40 (k=12) has 39 sites and about 1.0M parameters,
-    DenseNet-100 (k=12) 99 sites and about 7.0M.
+    linear classifier. Every norm of this list is a norm site, in forward order; Faye et al. 2024b
+    replace all of them (``placement="all"``). DenseNet-40 (k=12) has 39 sites and about 1.0M
+    parameters, DenseNet-100 (k=12) 99 sites and about 7.0M.
 
     Args:
         depth: total layer count; ``(depth - 4)`` must be divisible by 3 (by 6 with bottleneck).

@@ -49,9 +49,7 @@ class Placement:
 
     def __post_init__(self) -> None:
         if self.mode not in PLACEMENT_MODES:
-            raise ValueError(
-                f"placement mode must be one of {PLACEMENT_MODES}, got {self.mode!r}"
-            )
+            raise ValueError(f"placement mode must be one of {PLACEMENT_MODES}, got {self.mode!r}")
         indices = tuple(sorted(set(_as_site_index(index) for index in self.indices)))
         if self.mode == "index" and not indices:
             raise ValueError(

@@ -1,4 +1,4 @@
-"""The Shallow CNN of the Mixture Normalization paper (004 Table IV)."""
+"""The Shallow CNN of Kalayeh & Shah 2019, as Faye et al. 2024a (Table IV) describe it."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from .placement import NormFactory, NormSiteModel, NormSites, PlacementSpec
 class ShallowCNN(NormSiteModel):
     """Shallow CNN: conv+norm+ReLU blocks, max pooling between them, global average pooling.
 
-    With the default widths this is 004 Table IV: three conv5x5 (padding 2) + norm + ReLU blocks,
-    each followed by a 3x3 stride-2 max pool, then conv3x3 (padding 1) + norm + ReLU, average
-    pooling and a linear classifier. One norm site per conv, so 4 sites; the papers put the norm
-    under test after conv2 or conv3 (``placement=1`` or ``2``).
+    With the default widths this is Faye et al. 2024a, Table IV: three conv5x5 (padding 2) + norm
+    + ReLU blocks, each followed by a 3x3 stride-2 max pool, then conv3x3 (padding 1) + norm +
+    ReLU, average pooling and a linear classifier. One norm site per conv, so 4 sites; the papers
+    put the norm under test after conv2 or conv3 (``placement=1`` or ``2``).
 
     The pools round up (``ceil_mode``), as Caffe does, so 32x32 inputs give the table's 16, 8, 4;
     the table's final 4x4 average pool is a global average here, so 8x8 or 28x28 inputs work too.

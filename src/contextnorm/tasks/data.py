@@ -1,0 +1,322 @@
+"""Data every task needs: the configured splits, their contexts, and Lightning loaders over them.
+
+The helpers here turn the ``data:`` and ``contexts:`` sections into checked tensors, raising
+``ConfigError`` that names the key to change, so that each task reads its data the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, TensorDataset
+
+from contextnorm.config import ConfigError, ContextConfig, DataConfig
+from contextnorm.contexts import CONTEXTS, ContextBuilder, build_contexts
+from contextnorm.data import ImageData, load_dataset
+from contextnorm.data.files import MissingFilesError
+from contextnorm.registry import UnknownNameError
+
+UNKNOWN_CONTEXT = -1
+"""The context id of a sample whose context is unknown (layers use their posterior mixture)."""
+
+
+@dataclass(frozen=True)
+class ContextSplit:
+    """One split of the data and the context of each of its samples.
+
+    Attributes:
+        data: the images and labels.
+        contexts: int64 (N,) context ids in [0, K), or -1 for "unknown" (the layers then use
+            their posterior mixture over contexts).
+    """
+
+    data: ImageData
+    contexts: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.contexts.dtype != torch.int64 or self.contexts.shape != (len(self.data),):
+            raise ValueError(
+                f"contexts must be an int64 tensor of shape ({len(self.data)},), "
+                "one id per sample; "
+                f"got dtype {self.contexts.dtype} and shape {tuple(self.contexts.shape)}"
+            )
+
+    def dataset(self) -> TensorDataset:
+        """The split as a dataset of (image, label, context) triples."""
+        return TensorDataset(self.data.images, self.data.labels, self.contexts)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The training, validation and test data of an experiment (contexts not yet assigned)."""
+
+    train: ImageData
+    val: ImageData
+    test: ImageData
+
+
+def load_data(data: DataConfig, split: str) -> ImageData:
+    """One split of the configured data set; errors name the ``data.`` keys to change."""
+    try:
+        return load_dataset(
+            data.name,
+            data.root,
+            split,
+            download=data.download,
+            image_size=data.image_size,
+            **data.options,
+        )
+    except MissingFilesError as error:
+        where = "Or set data.root to the folder that holds the files"
+        fetch = "" if data.download else ", or data.download=true where a network is available"
+        raise MissingFilesError(error.details, f"{where}{fetch}.") from None
+    except UnknownNameError as error:
+        raise ConfigError(f"data.name: {error}") from None
+    except ValueError as error:
+        raise ConfigError(f"data ({data.name}): {error}") from error
+
+
+def load_splits(data: DataConfig) -> Splits:
+    """The configured splits: subsets (``train_samples``, ``test_samples``) and the validation
+    hold-out (``val_fraction``; with 0 the test split validates, as in the papers).
+
+    Raises:
+        ConfigError: train and test do not hold the same classes, or a subset cannot be drawn.
+    """
+    train_full = load_data(data, "train")
+    test = load_data(data, "test")
+    check_same_classes(train_full, test, data.name)
+    if data.train_samples is not None:
+        train_full = _stratified_subset(train_full, data.train_samples, data, "data.train_samples")
+    if data.test_samples is not None:
+        test = _stratified_subset(test, data.test_samples, data, "data.test_samples")
+    if data.val_fraction == 0:
+        return Splits(train_full, test, test)
+    held_out = max(1, round(data.val_fraction * len(train_full)))
+    rest, validation = _stratified_partition(
+        train_full, len(train_full) - held_out, data.seed, "data.val_fraction"
+    )
+    return Splits(train_full.subset(rest), train_full.subset(validation), test)
+
+
+def check_same_classes(train: ImageData, test: ImageData, name: str) -> None:
+    """Refuse a test split whose classes are not the training split's.
+
+    A class seen in training but absent from the test images (or the reverse) makes every
+    per-class metric and the comparison with published numbers meaningless, and usually means
+    a misplaced folder.
+    """
+    if train.classes != test.classes:
+        raise ConfigError(
+            f"data ({name}): the train and test splits name different classes "
+            f"(train: {train.classes[:10]}, test: {test.classes[:10]}); give both splits the "
+            "same classes"
+        )
+    for present, absent in (("train", "test"), ("test", "train")):
+        counts = {
+            "train": torch.bincount(train.labels, minlength=train.num_classes),
+            "test": torch.bincount(test.labels, minlength=test.num_classes),
+        }
+        missing = [
+            train.classes[label]
+            for label in range(train.num_classes)
+            if counts[present][label] > 0 and counts[absent][label] == 0
+        ]
+        if missing:
+            raise ConfigError(
+                f"data ({name}): class(es) {missing[:10]} have {present} images but no {absent} "
+                f"images; put {absent} images of every class in place (for image-folder: "
+                f"{absent}/<class>/), or remove the class from both splits"
+            )
+
+
+def fit_contexts(contexts: ContextConfig, train: ImageData, **extra: Any) -> ContextBuilder:
+    """The context builder of ``contexts:`` fitted on ``train``; errors name the keys.
+
+    Args:
+        contexts: the config section.
+        train: the training split.
+        **extra: options a task adds to ``contexts.options`` (e.g. the reference of ``random``).
+    """
+    try:
+        return build_contexts(
+            contexts.kind,
+            contexts.num_contexts,
+            train,
+            seed=contexts.seed,
+            **{**extra, **contexts.options},
+        )
+    except UnknownNameError as error:
+        raise ConfigError(f"contexts.kind: {error}") from None
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"contexts ({contexts.kind}): {error}") from error
+
+
+def assign_contexts(
+    builder: ContextBuilder, data: ImageData, split: str, kind: str
+) -> torch.Tensor:
+    """The checked context column of one split (ids in [0, K), one per sample)."""
+    try:
+        contexts = builder.assign(data)
+    except ValueError as error:
+        raise ConfigError(f"contexts ({kind}) of the {split} split: {error}") from error
+    return check_contexts(contexts, split, len(data), builder.num_contexts)
+
+
+def check_contexts(contexts: Any, split: str, num_samples: int, num_contexts: int) -> torch.Tensor:
+    """``contexts`` if it is an int64 tensor (N,) of ids in [0, K); else an error naming the split.
+
+    Args:
+        contexts: the context column of one split.
+        split: the split's name, for the message.
+        num_samples: N, the number of samples of the split.
+        num_contexts: K.
+    """
+    if (
+        not isinstance(contexts, torch.Tensor)
+        or contexts.dtype != torch.int64
+        or contexts.dim() != 1
+    ):
+        raise ConfigError(
+            f"contexts of the {split} split must be an int64 tensor (N,) of context ids; got "
+            f"{getattr(contexts, 'dtype', type(contexts).__name__)} "
+            f"{tuple(getattr(contexts, 'shape', ()))}"
+        )
+    if len(contexts) != num_samples:
+        raise ConfigError(
+            f"contexts of the {split} split have {len(contexts)} entries but the split has "
+            f"{num_samples} samples; the context column needs exactly one id per sample"
+        )
+    if num_samples and (int(contexts.min()) < 0 or int(contexts.max()) >= num_contexts):
+        raise ConfigError(
+            f"contexts of the {split} split must lie in [0, {num_contexts}) for K={num_contexts}; "
+            f"got ids in [{int(contexts.min())}, {int(contexts.max())}]. Set "
+            "contexts.num_contexts to the number of contexts the data define, or fix the "
+            "context column"
+        )
+    return contexts
+
+
+def context_names(kind: str, train: ImageData, num_contexts: int) -> list[str]:
+    """A readable name for each context id: domain, superclass or class names where there are."""
+    if kind == "class" and len(train.classes) == num_contexts:
+        return list(train.classes)
+    if kind == "domain" and train.domain_names is not None:
+        return list(train.domain_names)
+    if (
+        kind == "superclass"
+        and train.coarse_classes is not None
+        and len(train.coarse_classes) == num_contexts
+    ):
+        return list(train.coarse_classes)
+    title = CONTEXTS.get(kind).title if kind in CONTEXTS else kind
+    return [f"{title} {index}" for index in range(num_contexts)]
+
+
+def _stratified_subset(data: ImageData, size: int, config: DataConfig, key: str) -> ImageData:
+    if size >= len(data):
+        return data
+    kept, _ = _stratified_partition(data, size, config.seed, key)
+    return data.subset(kept)
+
+
+def _stratified_partition(
+    data: ImageData, first_size: int, seed: int, key: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded split of the indices into ``first_size`` and the rest, stratified where possible."""
+    positions = np.arange(len(data))
+    labels = data.labels.numpy()
+    counts = np.bincount(labels)
+    second_size = len(data) - first_size
+    # sklearn needs two samples of every class and room for every class on each side to stratify.
+    can_stratify = counts[counts > 0].min() >= 2 and min(
+        first_size, second_size
+    ) >= np.count_nonzero(counts)
+    try:
+        first, second = train_test_split(
+            positions,
+            train_size=first_size,
+            random_state=seed,
+            stratify=labels if can_stratify else None,
+        )
+    except ValueError as error:
+        raise ConfigError(f"{key}: cannot split {len(data)} samples this way ({error})") from error
+    return np.sort(first), np.sort(second)
+
+
+class ContextDataModule(L.LightningDataModule):
+    """Training, validation and test loaders of (image, label, context) batches.
+
+    The test split may come in several *views*: the test images with one choice of contexts
+    each (for instance the oracle superclass, a predicted one, or none); ``test_dataloader``
+    returns one loader per view, in order.
+
+    Args:
+        train: the training split.
+        val: the split validated after every epoch.
+        test_views: view name -> test split with that view's contexts.
+        batch_size: training batch size.
+        eval_batch_size: batch size of validation and test.
+        num_workers: loader worker processes.
+    """
+
+    def __init__(
+        self,
+        train: ContextSplit,
+        val: ContextSplit,
+        test_views: Mapping[str, ContextSplit],
+        *,
+        batch_size: int,
+        eval_batch_size: int,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.train = train
+        self.val = val
+        self.test_views = dict(test_views)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+
+    def train_dataloader(self) -> DataLoader:
+        return split_loader(self.train, self.batch_size, shuffle=True, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return split_loader(
+            self.val, self.eval_batch_size, shuffle=False, num_workers=self.num_workers
+        )
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [
+            split_loader(split, self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
+            for split in self.test_views.values()
+        ]
+
+
+def split_loader(
+    split: ContextSplit, batch_size: int, *, shuffle: bool, num_workers: int = 0
+) -> DataLoader:
+    """A loader of (image, label, context) batches of ``split``.
+
+    Args:
+        split: the images and their contexts.
+        batch_size: images per batch.
+        shuffle: training order: shuffled, and the last incomplete batch dropped.
+        num_workers: loader worker processes.
+    """
+    return DataLoader(
+        split.dataset(),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        # A last training batch of one image breaks batch statistics on 1x1 feature maps.
+        drop_last=shuffle and len(split.data) > batch_size,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
