@@ -97,10 +97,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(arguments: argparse.Namespace) -> int:
     config = load_config(arguments.config, arguments.overrides)
-    from contextnorm.runner import headline_table, load_results, run_experiment
+    from contextnorm.runner import headline_table, is_main_process, load_results, run_experiment
 
     start = time.perf_counter()
     results_dir = run_experiment(config, echo=lambda line: print(line, flush=True))
+    if not is_main_process():
+        # The other processes of a multi-device run: the first one reports.
+        return 0
     print()
     print(headline_table(load_results(results_dir)))
     print(

@@ -209,7 +209,9 @@ class TrainConfig:
     Attributes:
         epochs: training epochs per run. With a constant learning rate, raising it continues
             finished runs from their last epoch.
-        batch_size: training batch size (evaluation uses ``eval_batch_size`` or this).
+        batch_size: training batch size (evaluation uses ``eval_batch_size`` or this); the
+            whole batch of one step, split evenly over the processes of a multi-device run,
+            so that the number of devices does not change what is trained.
         eval_batch_size: batch size for validation and test; ``None`` uses ``batch_size``.
         optimizer: ``adamw``, ``adam``, or ``sgd`` (with Nesterov momentum).
         lr: initial learning rate.
@@ -221,7 +223,11 @@ class TrainConfig:
             every epoch.
         seeds: one run per seed and method; results report mean and std over seeds.
         accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``, ...).
-        devices: Lightning devices (``auto``, a count, or a list of ids).
+        devices: Lightning devices per machine (``auto``, a count, or a list of ids); more
+            than one trains with DDP (gloo on CPUs, NCCL on GPUs), every norm layer computing
+            its batch statistics over all processes (:func:`contextnorm.convert_sync`).
+        num_nodes: machines of a multi-machine run (started by torchrun, SLURM or another
+            Lightning cluster environment).
         precision: Lightning precision (``32-true``, ``16-mixed``, ``bf16-mixed``).
         num_workers: data loader worker processes.
         cpu_threads: CPU threads of PyTorch and of the BLAS/OpenMP pools (clustering,
@@ -249,6 +255,7 @@ class TrainConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     accelerator: str = _execution("auto")
     devices: int | str | list[int] = _execution("auto")
+    num_nodes: int = _execution(1)
     precision: str = "32-true"
     num_workers: int = _execution(0)
     cpu_threads: int | None = _execution(None)
@@ -289,6 +296,7 @@ class TrainConfig:
             self.seeds,
         )
         _require(self.num_workers >= 0, "train.num_workers", "must be >= 0", self.num_workers)
+        _require(self.num_nodes >= 1, "train.num_nodes", "must be >= 1", self.num_nodes)
         _require(
             self.cpu_threads is None or self.cpu_threads >= 1,
             "train.cpu_threads",

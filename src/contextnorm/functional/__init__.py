@@ -49,12 +49,15 @@ from .moments import (
     as_ncl,
     group_moments,
     group_sums,
+    packed_moments,
+    packed_sums,
     pooled_moments,
     sample_moments,
     statistics_dtype,
     update_running_moments,
     without_autocast,
 )
+from .sync import agree_across_processes, all_reduce_sum, synced_pooled_moments
 
 __all__ = [
     "as_ncl",
@@ -66,6 +69,8 @@ __all__ = [
     "group_sums",
     "group_moments",
     "pooled_moments",
+    "packed_sums",
+    "packed_moments",
     "affine_coefficients",
     "apply_sample_affine",
     "MixtureStats",
@@ -86,5 +91,8 @@ __all__ = [
     "kmeans_plus_plus",
     "match_components",
     "update_running_moments",
+    "all_reduce_sum",
+    "synced_pooled_moments",
+    "agree_across_processes",
 ]
 

@@ -16,6 +16,8 @@ from .baselines import ModeNorm, SwitchNorm
 from .context import ContextNorm, ContextNormE, ContextNormX
 from .mixture import AdaptiveContextNorm, MixtureNorm
 from .routing import ContextualModel, checkpoint, convert, use_context, uses_context
+from .surgery import extract_context, recalibrate
+from .sync import SyncBatchNorm, convert_sync, revert_sync
 
 __all__ = [
     "ContextNorm",
@@ -32,4 +34,9 @@ __all__ = [
     "checkpoint",
     "check_context",
     "CheckedContext",
+    "convert_sync",
+    "revert_sync",
+    "SyncBatchNorm",
+    "extract_context",
+    "recalibrate",
 ]

@@ -5,10 +5,15 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
+import zlib
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+
+from .. import functional as F
 
 _Layer = TypeVar("_Layer", bound="NormBase")
 
@@ -59,6 +64,15 @@ class NormBase(nn.Module):
     """
 
     uses_context = False
+    # Set by contextnorm.convert_sync: batch statistics over the processes of ``process_group``
+    # (None: the default group) in training. Class attributes, so that layers pickled before
+    # they existed still load.
+    synchronized = False
+    process_group: dist.ProcessGroup | None = None
+    _agreement_checked = False
+    # Set by contextnorm.recalibrate while it runs: receives the packed sums (K, 2C + 1) of each
+    # batch statistic the layer computes (F.packed_sums), to be accumulated over a data set.
+    _statistics_record: Callable[[Tensor], None] | None = None
 
     def __init__(
         self,
@@ -127,6 +141,45 @@ class NormBase(nn.Module):
     def _load_batch_statistics(self, mean: Tensor, var: Tensor) -> None:
         """Start from BatchNorm's running statistics (C,); layers without such state ignore them."""
 
+    def _statistics_group(self) -> dist.ProcessGroup | None:
+        """The process group whose batches share this call's statistics (``None``: this batch).
+
+        Only a converted layer (:func:`contextnorm.convert_sync`) in training mode synchronises,
+        as ``nn.SyncBatchNorm``: eval mode runs no collective. Reads no tensor.
+        """
+        if not (self.synchronized and self.training):
+            return None
+        return active_group(self.process_group)
+
+    def _pooled_moments(
+        self,
+        mean: Tensor,
+        var: Tensor,
+        positions: int,
+        *,
+        weights: Tensor | None = None,
+        ids: Tensor | None = None,
+        num_groups: int | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:func:`~contextnorm.functional.pooled_moments` of this batch or of every process's.
+
+        Synchronised, the first call checks once that every process's layer has the same
+        number of channels and groups (one small all-reduce), then each call all-reduces the
+        groups' sums once (and their gradients once in the backward).
+        """
+        if self._statistics_record is not None:
+            self._statistics_record(F.packed_sums(mean, var, positions, weights, ids, num_groups))
+        group = self._statistics_group()
+        if group is None:
+            return F.pooled_moments(
+                mean, var, positions, weights=weights, ids=ids, num_groups=num_groups
+            )
+        groups = num_groups if ids is not None else weights.shape[1]  # type: ignore[union-attr]
+        check_agreement(self, group, groups, mean.device)
+        return F.synced_pooled_moments(
+            mean, var, positions, group, weights=weights, ids=ids, num_groups=num_groups
+        )
+
 
 class RunningStatsMixin:
     """BatchNorm's running estimates for a stack of G groups (G, C)."""
@@ -173,3 +226,41 @@ class RunningStatsMixin:
         if momentum is not None:
             return momentum
         return self.num_batches_tracked.clamp_min(1).to(self.running_mean.dtype).reciprocal().expand(present.shape)
+
+
+def active_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    """``process_group`` (``None``: the default group) if it is initialised and has more than one
+    process, else ``None``: a world of one runs no collective."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = process_group if process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def check_agreement(
+    layer: nn.Module, group: dist.ProcessGroup, groups: int | None, device: torch.device
+) -> None:
+    """Raise on every process if the processes' ``layer`` differ in the sizes they all-reduce.
+
+    Runs once per layer (its first synchronised call; one all-reduce of six integers and a
+    host read): a mismatch would otherwise hang the processes or add unrelated statistics.
+    """
+    if layer._agreement_checked:
+        return
+    values = {
+        "num_features": layer.num_features,
+        "number of groups (contexts, modes, components)": groups or 0,
+        "layer type": zlib.crc32(type(layer).__qualname__.encode()) & 0x7FFFFFFF,
+    }
+    differ = F.agree_across_processes(values, group, device)
+    if differ:
+        found = "; ".join(
+            f"{name} from {low} to {high}" if name != "layer type" else "the layer classes differ"
+            for name, (low, high) in differ.items()
+        )
+        raise RuntimeError(
+            f"{type(layer).__name__}({layer.extra_repr()}) computes its batch statistics over "
+            f"{dist.get_world_size(group)} processes, but their layers differ ({found}); build the "
+            "same model on every process and call its synchronised layers in the same order"
+        )
+    layer._agreement_checked = True

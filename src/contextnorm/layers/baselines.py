@@ -20,12 +20,15 @@ class _BatchOrRunningMixin(RunningStatsMixin):
 
     momentum: float | None
     training: bool
+    _pooled_moments: Any
 
     def _batch_or_running(self, moments: F.Moments, weights: Tensor, positions: int) -> tuple[Tensor, Tensor]:
         """Weighted batch statistics per group in training (updating the running ones), running ones in eval."""
         if not self.training and self.track_running_stats:
             return self.running_mean, self.running_var
-        mean, var, count = F.pooled_moments(moments.mean, moments.var, positions, weights=weights)
+        mean, var, count = self._pooled_moments(
+            moments.mean, moments.var, positions, weights=weights
+        )
         if self.training and self.track_running_stats:
             present = count.sum() > 0
             momentum = self._running_momentum(present)

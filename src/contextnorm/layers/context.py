@@ -24,7 +24,15 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .assignment import ContextAssignment
-from .base import _SOFTPLUS_OF_ONE, NormBase, RunningStatsMixin, check_count, check_momentum, inverse_softplus
+from .base import (
+    _SOFTPLUS_OF_ONE,
+    NormBase,
+    RunningStatsMixin,
+    check_agreement,
+    check_count,
+    check_momentum,
+    inverse_softplus,
+)
 from .routing import MISSING, current_context
 
 __all__ = ["ContextNorm", "ContextNormX", "ContextNormE"]
@@ -82,10 +90,21 @@ class _ContextNormBase(NormBase):
             if self.estimate_prior:
                 self.prior_batches.zero_()
 
-    def _update_prior(self, assignment: ContextAssignment) -> None:
-        """Cumulative average of the batches' context shares: the share of the data in each context."""
+    def _update_prior(self, assignment: ContextAssignment, count: Tensor | None) -> None:
+        """Cumulative average of the batches' context shares: the share of the data in each context.
+
+        ``count`` (K,): the values per context behind this call's batch statistics (over every
+        process when synchronised), or ``None`` when the call computed none; the shares are
+        then counted here (and all-reduced when synchronised).
+        """
         with torch.no_grad():
-            counts = assignment.weights.sum(0).to(self.prior)
+            if count is None:
+                count = assignment.weights.sum(0)
+                group = self._statistics_group()
+                if group is not None:
+                    check_agreement(self, group, self.num_contexts, count.device)
+                    count = F.all_reduce_sum(count, group)
+            counts = count.to(self.prior)
             total = counts.sum()
             seen = total > 0
             self.prior_batches.add_(seen.long())
@@ -117,10 +136,10 @@ class _ContextNormBase(NormBase):
             assignment = ContextAssignment.from_context(
                 context, x3.shape[0], self.num_contexts, x3.device, dtype, validate
             )
-            if self.training and self.estimate_prior:
-                self._update_prior(assignment)
             moments = F.sample_moments(x3) if self._needs_moments(assignment) else None
-            mean, var = self._context_statistics(x3, assignment, moments)
+            mean, var, count = self._context_statistics(x3, assignment, moments)
+            if self.training and self.estimate_prior:
+                self._update_prior(assignment, count)
             values = x3 if moments is None else moments.values
             ids = assignment.known_ids
             if ids is not None:
@@ -135,8 +154,9 @@ class _ContextNormBase(NormBase):
 
     def _context_statistics(
         self, x: Tensor, assignment: ContextAssignment, moments: F.Moments | None
-    ) -> tuple[Tensor, Tensor]:
-        """Per-context mean and variance (K, C) for the batch ``x`` (N, C, L)."""
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Per-context mean and variance (K, C) for the batch ``x`` (N, C, L), and the count (K,)
+        of values behind them when they are batch statistics (``None`` otherwise)."""
         raise NotImplementedError
 
     def _batch_statistics(
@@ -144,7 +164,7 @@ class _ContextNormBase(NormBase):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, biased variance (K, C) and count (K,) of each context's activations in the batch."""
         ids = assignment.known_ids
-        return F.pooled_moments(
+        return self._pooled_moments(
             moments.mean,
             moments.var,
             positions,
@@ -276,30 +296,40 @@ class ContextNorm(RunningStatsMixin, _ContextNormBase):
 
     def _context_statistics(
         self, x: Tensor, assignment: ContextAssignment, moments: F.Moments | None
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         if not self._uses_batch_statistics():
-            return self.running_mean, self.running_var
+            return self.running_mean, self.running_var, None
         assert moments is not None
         positions = x.shape[2]
-        if self.training and assignment.checked:
-            self._check_known(assignment, positions)
-        mean, var, count = self._batch_statistics(assignment, moments, positions)
-        if self.training and self.track_running_stats:
-            momentum = self._running_momentum(count > 0)
-            F.update_running_moments(self.running_mean, self.running_var, mean, var, count, momentum)
-        return mean, var
-
-    @staticmethod
-    def _check_known(assignment: ContextAssignment, positions: int) -> None:
-        if assignment.unknown is not None:
+        checked = self.training and assignment.checked
+        if checked and assignment.unknown is not None:
             raise ValueError(
                 "ContextNorm computes batch statistics per context and needs a known context for every "
                 "sample while training (got ids of -1 or context=None); unknown contexts are handled in "
                 "eval mode, or train with ContextNormX / ContextNormE"
             )
-        if positions == 1 and assignment.singletons:
+        mean, var, count = self._batch_statistics(assignment, moments, positions)
+        if checked and positions == 1:
+            self._check_singletons(assignment, count)
+        if self.training and self.track_running_stats:
+            momentum = self._running_momentum(count > 0)
+            F.update_running_moments(self.running_mean, self.running_var, mean, var, count, momentum)
+        return mean, var, count
+
+    def _check_singletons(self, assignment: ContextAssignment, count: Tensor) -> None:
+        """Refuse contexts with one value per channel: their variance is undefined.
+
+        The checked context lists them for this process's batch; synchronised, the batch is
+        every process's, so the reduced counts decide (one host read of K values, the same on
+        every process, so that all raise together).
+        """
+        if self._statistics_group() is None:
+            singletons = list(assignment.singletons)
+        else:
+            singletons = torch.nonzero(count == 1).flatten().tolist()
+        if singletons:
             raise ValueError(
-                f"context(s) {list(assignment.singletons)} have a single value per channel in this training "
+                f"context(s) {singletons} have a single value per channel in this training "
                 "batch, so their variance is undefined (BatchNorm raises for a batch of one likewise); use "
                 "larger batches, sample batches so that each present context has >= 2 samples, or use "
                 "ContextNormX"
@@ -336,17 +366,19 @@ class _LearnedStatisticsBase(_ContextNormBase):
 
     def _context_statistics(
         self, x: Tensor, assignment: ContextAssignment, moments: F.Moments | None
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        count = None
         if self._initializing():
             # Outside autograd, so that the graph (and what activation checkpointing saves and
-            # recomputes) is the same before and after the start.
+            # recomputes) is the same before and after the start. Synchronised, the start comes
+            # from every process's batch, so that all processes start from the same parameters.
             with torch.no_grad():
                 batch = F.sample_moments(x) if moments is None else moments
                 mean, var, count = self._batch_statistics(assignment, batch, x.shape[2])
                 self._initialize(mean, var.clamp_min(self.eps).sqrt(), count)
             if not torch.compiler.is_compiling():
                 self._refresh_init_pending()
-        return self._learned_statistics()
+        return (*self._learned_statistics(), count)
 
     def _learned_statistics(self) -> tuple[Tensor, Tensor]:
         raise NotImplementedError

@@ -27,6 +27,7 @@ _EXPORTS = {
     "prepare_experiment": "contextnorm.runner.experiment",
     "run_single": "contextnorm.runner.run",
     "Interrupted": "contextnorm.runner.run",
+    "is_main_process": "contextnorm.runner.run",
     "write_report": "contextnorm.runner.report",
     "headline_table": "contextnorm.runner.report",
     "load_results": "contextnorm.runner.folder",

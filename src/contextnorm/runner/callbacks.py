@@ -4,6 +4,7 @@ interrupts."""
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,10 @@ import lightning as L
 import numpy as np
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins import LayerSync
+from torch import nn
 
+import contextnorm as cn
 from contextnorm.io import atomic_write
 from contextnorm.metrics import EpochRecord
 
@@ -118,13 +122,18 @@ class EpochCheckpoint(ModelCheckpoint):
 
 
 class EpochSeeding(L.Callback):
-    """Reseeds every random generator at the start of each epoch from (run seed, epoch number).
+    """Reseeds every random generator at the start of each epoch from (run seed, epoch, process).
 
     Batch order, augmentation and dropout of epoch e then depend on nothing but the seed and
     e, so a run resumed from a checkpoint continues exactly as the uninterrupted run would.
     The first epoch of a ``fit`` call is seeded in ``on_fit_start``, because Lightning
     prepares that epoch's first batch before ``on_train_epoch_start``; the epoch to resume
     from comes from the checkpoint, which is loaded before ``on_fit_start``.
+
+    Under several processes each draws its own augmentation and dropout (process 0 draws
+    what a one-process run draws), while the data order is shared: Lightning's
+    ``DistributedSampler`` shuffles with the run seed and the epoch number, the same on every
+    process, so that their shards partition the data.
     """
 
     def __init__(self, seed: int) -> None:
@@ -132,17 +141,22 @@ class EpochSeeding(L.Callback):
         self._next_epoch = 0
         self._seeded_epoch: int | None = None
 
-    def _seed(self, epoch: int) -> None:
-        derived = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
-        L.seed_everything(derived, workers=True, verbose=False)
+    def _seed(self, trainer: L.Trainer, epoch: int) -> None:
+        rank = trainer.global_rank
+        sequence = np.random.SeedSequence([self.seed, epoch], spawn_key=(rank,) if rank else ())
+        L.seed_everything(int(sequence.generate_state(1)[0]), workers=True, verbose=False)
+        # Lightning seeds the DistributedSampler it puts into training loaders from this
+        # variable when it makes them (at the start of a fit, a later epoch for a resumed run):
+        # the run seed keeps the shards disjoint and a resumed run's order exact.
+        os.environ["PL_GLOBAL_SEED"] = str(self.seed)
         self._seeded_epoch = epoch
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._seed(self._next_epoch)
+        self._seed(trainer, self._next_epoch)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._seeded_epoch != trainer.current_epoch:
-            self._seed(trainer.current_epoch)
+            self._seed(trainer, trainer.current_epoch)
         # A checkpoint written during this epoch resumes at the next one.
         self._next_epoch = trainer.current_epoch + 1
 
@@ -182,3 +196,18 @@ class InterruptWatch(L.Callback):
     ) -> None:
         if isinstance(exception, KeyboardInterrupt):
             self.interrupted = True
+
+
+class SyncNormStatistics(LayerSync):
+    """Lightning's DDP strategy plugin that makes every norm layer use all processes' batches.
+
+    :func:`contextnorm.convert_sync` while fitting (CN, ModeNorm, SwitchNorm, BatchNorm and the
+    starts of CN-X and CN-E); :func:`contextnorm.revert_sync` afterwards, which puts back the
+    very BatchNorm objects it replaced (a module's references to its layers stay valid).
+    """
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        return cn.convert_sync(model)
+
+    def revert(self, model: nn.Module) -> nn.Module:
+        return cn.revert_sync(model)

@@ -23,7 +23,9 @@ from contextnorm.runner.folder import merge_with_folder, write_experiment
 from contextnorm.runner.progress import Progress
 from contextnorm.runner.report import write_report
 from contextnorm.runner.run import Interrupted, RunOutcome, is_main_process, run_single
+from contextnorm.runner.trainer import process_count
 from contextnorm.tasks import Task, build_task
+from contextnorm.tasks.data import process_batch_size
 from contextnorm.tasks.network import method_location
 
 Echo = Callable[[str], None]
@@ -48,6 +50,11 @@ def prepare_experiment(config: ExperimentConfig) -> Task:
                 f"imports: cannot import {name!r} ({error}); put the module on the Python path "
                 "(PYTHONPATH) or install its package"
             ) from error
+    processes = process_count(config.train)
+    train = config.train
+    for key, size in (("batch_size", train.batch_size), ("eval_batch_size", train.eval_batch_size)):
+        if size is not None:
+            process_batch_size(size, processes, f"train.{key}")
     task = build_task(config)
     task.setup()
     for index in range(len(config.methods)):
@@ -90,7 +97,8 @@ def run_experiment(config: ExperimentConfig, *, echo: Echo = print) -> Path:
     Raises:
         Interrupted: Ctrl-C; finished runs and the interrupted run's last epoch are saved.
     """
-    progress = Progress(config.train.progress, echo)
+    # Every process of a multi-device run executes the experiment; the first alone speaks.
+    progress = Progress(config.train.progress, echo if is_main_process() else _silent)
     results_dir = config.results_dir
     finished, total = 0, len(config.methods) * len(config.train.seeds)
     try:
@@ -122,6 +130,10 @@ def run_experiment(config: ExperimentConfig, *, echo: Echo = print) -> Path:
         stopped.results_dir, stopped.finished, stopped.total = results_dir, finished, total
         raise stopped from None
     return results_dir
+
+
+def _silent(line: str) -> None:
+    """Where the progress lines of the processes other than the first go."""
 
 
 def _run_line(outcome: RunOutcome, headline: MetricSpec, position: int, total: int) -> str:

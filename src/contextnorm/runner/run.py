@@ -139,6 +139,7 @@ def run_single(task: Task, index: int, seed: int, progress: Progress) -> RunOutc
             history=history,
             callbacks=[interrupts, *progress.callbacks(title, shown)],
             progress_bar=progress.mode == "bar",
+            partial_losses=not module.automatic_optimization,
         )
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy
+from torch.nn.parallel import DistributedDataParallel
 
 from contextnorm.config import TrainConfig
 from contextnorm.runner.callbacks import (
@@ -15,6 +19,7 @@ from contextnorm.runner.callbacks import (
     EpochCheckpoint,
     EpochHistory,
     EpochSeeding,
+    SyncNormStatistics,
 )
 from contextnorm.tasks import Selection
 
@@ -37,8 +42,14 @@ def build_trainer(
     history: EpochHistory,
     callbacks: Sequence[L.Callback],
     progress_bar: bool,
+    partial_losses: bool = False,
 ) -> L.Trainer:
     """A Trainer for one (method, seed) run writing into ``run_dir``.
+
+    Several devices or machines train with DDP: the norm layers compute their batch statistics
+    over all processes (:class:`~contextnorm.runner.callbacks.SyncNormStatistics`), so their
+    buffers stay equal on every process without DDP's per-forward buffer broadcast, which is
+    off: evaluation shards may then differ by a batch between processes without a hang.
 
     It keeps one checkpoint file, ``checkpoints/last.ckpt``, rewritten (atomically) after every
     epoch with ``history``'s record of that epoch; logs per-epoch metrics to ``csv/`` and
@@ -53,6 +64,9 @@ def build_trainer(
         history: the run's per-epoch records (kept in every checkpoint).
         callbacks: the runner's other callbacks (progress, interrupts).
         progress_bar: whether one of ``callbacks`` is a progress bar.
+        partial_losses: the module optimises manually, with losses that each reach part of its
+            parameters (a GAN's generator and discriminator losses): DDP then looks for the
+            parameters a backward pass left out, instead of waiting for their gradients.
     """
     every: list[L.Callback] = [
         history,
@@ -82,11 +96,13 @@ def build_trainer(
         max_epochs=settings.epochs,
         accelerator=settings.accelerator,
         devices=settings.devices,
+        num_nodes=settings.num_nodes,
+        strategy=_strategy(settings, partial_losses),
         precision=settings.precision,
         deterministic=settings.deterministic,
         callbacks=every,
         logger=[CSVLogger(run_dir, name="csv"), TensorBoardLogger(run_dir, name="tensorboard")],
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), SyncNormStatistics()],
         enable_progress_bar=progress_bar,
         enable_model_summary=False,
         # A sanity check draws from the random state before the first epoch: no exact resume.
@@ -95,3 +111,32 @@ def build_trainer(
         log_every_n_steps=LOG_INTERVAL,
         default_root_dir=run_dir,
     )
+
+
+def process_count(settings: TrainConfig) -> int:
+    """How many processes ``train.accelerator``, ``train.devices`` and ``train.num_nodes`` start."""
+    devices = settings.devices
+    if isinstance(devices, list):
+        per_node = len(devices)
+    elif isinstance(devices, str) and "," in devices:
+        per_node = len([device for device in devices.split(",") if device.strip()])
+    elif str(devices).strip().lstrip("-").isdigit() and int(devices) != -1:
+        per_node = int(devices)
+    else:
+        # "auto" or -1: every GPU when the accelerator may be one, else a single process.
+        gpus = settings.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        per_node = torch.cuda.device_count() if gpus else 1
+    return per_node * settings.num_nodes
+
+
+def _strategy(settings: TrainConfig, partial_losses: bool) -> str | DDPStrategy:
+    """DDP without per-forward buffer broadcasts for several processes; Lightning's choice for one.
+
+    The buffers are still made equal once, when DDP wraps the model.
+    """
+    if process_count(settings) <= 1:
+        return "auto"
+    # Newer torch names the switch forward_sync_buffers and deprecates broadcast_buffers.
+    forward_only = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    buffers = "forward_sync_buffers" if forward_only else "broadcast_buffers"
+    return DDPStrategy(**{buffers: False}, find_unused_parameters=partial_losses)

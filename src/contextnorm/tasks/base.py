@@ -104,9 +104,15 @@ class Task(ABC):
           samples while the runner records a tested layer's input and output.
        f. :meth:`save_artifacts`: extra files of the run (e.g. generated images), if any.
 
-    Under several devices (DDP), the steps run on every process and metrics are reduced over
-    processes (torchmetrics objects, and values logged with ``sync_dist=True``); the runner
-    writes every file from the main process, and calls :meth:`save_artifacts` there only.
+    Under several devices (DDP), the steps run on every process, the norm layers compute their
+    batch statistics over all processes, and metrics are reduced over processes (torchmetrics
+    objects; values logged with ``sync_dist=True``); the runner writes every file from the main
+    process, and calls :meth:`save_artifacts` there only. ``train.batch_size`` is the batch of a
+    whole step: build loaders with :func:`~contextnorm.tasks.data.split_loader` (or
+    :func:`~contextnorm.tasks.data.data_loader` for another data set), which gives each
+    process its share and evaluates every sample once (evaluation shards may then differ in
+    size: log evaluation values as torchmetrics objects, e.g. a loss as ``MeanMetric``, which
+    reduce exactly, rather than with ``sync_dist``, which averages the processes' means).
 
     Building blocks a task may use: :mod:`contextnorm.tasks.data` (the configured splits,
     contexts fitted and checked, loaders of (image, label, context) batches),

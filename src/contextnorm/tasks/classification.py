@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassF1Score,
@@ -145,6 +145,10 @@ class ClassificationModule(TaskModule):
                 for view in self.test_views
             }
         )
+        # Evaluation losses as metrics: weighted by the samples of every process, exact when
+        # the processes evaluate shards of different sizes.
+        self.val_loss = MeanMetric()
+        self.test_losses = nn.ModuleDict({view: MeanMetric() for view in self.test_views})
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         images, *rest = batch
@@ -172,9 +176,8 @@ class ClassificationModule(TaskModule):
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         images, labels, contexts = batch
         logits = self(images, contexts)
-        self.log(
-            "val/loss", F.cross_entropy(logits, labels), batch_size=len(labels), sync_dist=True
-        )
+        self.val_loss(F.cross_entropy(logits, labels), weight=len(labels))
+        self.log("val/loss", self.val_loss, batch_size=len(labels))
         self.val_metrics(logits, labels)
         self.log_dict(self.val_metrics, batch_size=len(labels))
 
@@ -184,13 +187,9 @@ class ClassificationModule(TaskModule):
         logits = self(images, contexts)
         metrics = self.test_metrics[view]
         metrics(logits, labels)
-        self.log(
-            f"test/{view}/loss",
-            F.cross_entropy(logits, labels),
-            batch_size=len(labels),
-            add_dataloader_idx=False,
-            sync_dist=True,
-        )
+        loss = self.test_losses[view]
+        loss(F.cross_entropy(logits, labels), weight=len(labels))
+        self.log(f"test/{view}/loss", loss, batch_size=len(labels), add_dataloader_idx=False)
         self.log_dict(metrics, batch_size=len(labels), add_dataloader_idx=False)
 
 

@@ -13,8 +13,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from contextnorm.config import ConfigError, ContextConfig, DataConfig
 from contextnorm.contexts import CONTEXTS, ContextBuilder, build_contexts
@@ -250,6 +251,57 @@ def _stratified_partition(
     return np.sort(first), np.sort(second)
 
 
+def process_batch_size(batch_size: int, processes: int, key: str) -> int:
+    """Each of ``processes`` processes' share of a batch of ``batch_size``: the configured batch
+    is the whole step's, so that the number of devices does not change what is trained.
+
+    Raises:
+        ConfigError: the batch does not split evenly over the processes (``key`` names it).
+    """
+    if batch_size % processes:
+        raise ConfigError(
+            f"{key}={batch_size} is the batch of one step over all {processes} processes and must "
+            f"split evenly between them; use a multiple of {processes}"
+        )
+    return batch_size // processes
+
+
+def data_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    train: bool,
+    trainer: L.Trainer | None,
+    key: str,
+    num_workers: int = 0,
+) -> DataLoader:
+    """A loader of ``dataset`` for one process: training shuffles, evaluation reads in order.
+
+    ``batch_size`` is the whole step's batch (see :func:`process_batch_size`). Under several
+    processes, Lightning shards a training loader (every shard padded to the same number of
+    batches, as DDP needs); an evaluation loader reads every ``world_size``-th sample from the
+    process's rank on, so that every sample is evaluated exactly once (shards may then differ
+    by a batch, which evaluation allows: its steps run no collective).
+    """
+    size = process_batch_size(batch_size, 1 if trainer is None else trainer.world_size, key)
+    sampler = None
+    if not train and trainer is not None and trainer.world_size > 1:
+        sampler = UnrepeatedDistributedSampler(
+            dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+        )
+    return DataLoader(
+        dataset,
+        batch_size=size,
+        shuffle=train,
+        sampler=sampler,
+        # A last training batch of one image breaks batch statistics on 1x1 feature maps.
+        drop_last=train and len(dataset) > batch_size,  # type: ignore[arg-type]
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
 class ContextDataModule(L.LightningDataModule):
     """Training, validation and test loaders of (image, label, context) batches.
 
@@ -261,7 +313,7 @@ class ContextDataModule(L.LightningDataModule):
         train: the training split.
         val: the split validated after every epoch.
         test_views: view name -> test split with that view's contexts.
-        batch_size: training batch size.
+        batch_size: training batch size (of a whole step: see :func:`data_loader`).
         eval_batch_size: batch size of validation and test.
         num_workers: loader worker processes.
     """
@@ -284,39 +336,49 @@ class ContextDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
 
+    def _loader(self, split: ContextSplit, batch_size: int, shuffle: bool) -> DataLoader:
+        return split_loader(
+            split, batch_size, shuffle=shuffle, num_workers=self.num_workers, trainer=self.trainer
+        )
+
     def train_dataloader(self) -> DataLoader:
-        return split_loader(self.train, self.batch_size, shuffle=True, num_workers=self.num_workers)
+        return self._loader(self.train, self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return split_loader(
-            self.val, self.eval_batch_size, shuffle=False, num_workers=self.num_workers
-        )
+        return self._loader(self.val, self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> list[DataLoader]:
         return [
-            split_loader(split, self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
+            self._loader(split, self.eval_batch_size, shuffle=False)
             for split in self.test_views.values()
         ]
 
 
 def split_loader(
-    split: ContextSplit, batch_size: int, *, shuffle: bool, num_workers: int = 0
+    split: ContextSplit,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    num_workers: int = 0,
+    trainer: L.Trainer | None = None,
 ) -> DataLoader:
-    """A loader of (image, label, context) batches of ``split``.
+    """A loader of (image, label, context) batches of ``split`` for this process.
 
     Args:
         split: the images and their contexts.
-        batch_size: images per batch.
-        shuffle: training order: shuffled, and the last incomplete batch dropped.
+        batch_size: images per batch of a whole step (``train.batch_size`` or
+            ``train.eval_batch_size``), split over the processes (see :func:`data_loader`).
+        shuffle: training order: shuffled, and the last incomplete batch dropped; otherwise
+            evaluation order.
         num_workers: loader worker processes.
+        trainer: the Trainer the loader serves (a data module's ``self.trainer``), which says
+            how many processes share the batch; ``None``: one process.
     """
-    return DataLoader(
+    return data_loader(
         split.dataset(),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        # A last training batch of one image breaks batch statistics on 1x1 feature maps.
-        drop_last=shuffle and len(split.data) > batch_size,
+        batch_size,
+        train=shuffle,
+        trainer=trainer,
+        key="train.batch_size" if shuffle else "train.eval_batch_size",
         num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        pin_memory=torch.cuda.is_available(),
     )

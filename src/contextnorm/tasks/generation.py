@@ -470,7 +470,13 @@ class GenerationData(L.LightningDataModule):
         self.num_workers = num_workers
 
     def train_dataloader(self) -> DataLoader:
-        return split_loader(self.train, self.batch_size, shuffle=True, num_workers=self.num_workers)
+        return split_loader(
+            self.train,
+            self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            trainer=self.trainer,
+        )
 
 
 @dataclass
