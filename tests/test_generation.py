@@ -544,7 +544,7 @@ def test_inception_weights_errors_reach_the_command_line(tmp_path, capsys, weigh
 def test_a_generation_experiment_runs_end_to_end(tmp_path):
     config = generation_config(
         tmp_path,
-        "methods=[bn, cn, {name: acn, label: acn-k2, options: {num_components: 2}}, "
+        "methods=[bn, cn, {name: acn, label: acn-k2, options: {num_contexts: 2}}, "
         "{name: cnx, label: cnx-class, contexts: {kind: class}}]",
         "train.epochs=2",
         "train.seeds=[0, 1]",

@@ -48,13 +48,13 @@ class NormMethod:
 
     Attributes:
         layer: class or function ``layer(num_features, [K,] **options) -> nn.Module``.
-        count_argument: the layer's argument that receives K (``num_contexts``,
-            ``num_components``, ``num_modes``), or ``None`` for layers without one.
+        counted: whether the layer takes K as ``num_contexts`` (contexts, mixture components
+            or modes).
         fixed_options: options this entry sets itself (e.g. the ACN update mode).
     """
 
     layer: Callable[..., nn.Module]
-    count_argument: str | None = None
+    counted: bool = False
     fixed_options: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -90,11 +90,11 @@ class NormMethod:
                 f"valid options: {', '.join(valid)}"
             )
         arguments = {**self.fixed_options, **options}
-        if self.count_argument is not None:
-            given = arguments.setdefault(self.count_argument, num_contexts)
+        if self.counted:
+            given = arguments.setdefault("num_contexts", num_contexts)
             if self.uses_context and given != num_contexts:
                 raise ConfigError(
-                    f"{where}: {self.count_argument}={given!r} disagrees with "
+                    f"{where}: num_contexts={given!r} disagrees with "
                     f"contexts.num_contexts={num_contexts}; a context layer needs one slot per "
                     "context, so drop the option or change contexts.num_contexts"
                 )
@@ -114,43 +114,43 @@ METHODS.register(
 )
 METHODS.register(
     "cn",
-    NormMethod(cn.ContextNorm, "num_contexts"),
+    NormMethod(cn.ContextNorm, counted=True),
     summary="Context Normalization: batch statistics per context",
 )
 METHODS.register(
     "cnx",
-    NormMethod(cn.ContextNormX, "num_contexts"),
+    NormMethod(cn.ContextNormX, counted=True),
     summary="CN-X: learned statistics per context",
 )
 METHODS.register(
     "cne",
-    NormMethod(cn.ContextNormE, "num_contexts"),
+    NormMethod(cn.ContextNormE, counted=True),
     summary="CN-E: statistics from an encoding of the context",
 )
 METHODS.register(
     "acn",
-    NormMethod(cn.AdaptiveContextNorm, "num_components"),
+    NormMethod(cn.AdaptiveContextNorm, counted=True),
     summary="Adaptive Context Normalization: learned mixture, the layer's default update "
     "(online EM)",
 )
 METHODS.register(
     "acn-momentum",
-    NormMethod(cn.AdaptiveContextNorm, "num_components", {"update": "momentum"}),
+    NormMethod(cn.AdaptiveContextNorm, counted=True, fixed_options={"update": "momentum"}),
     summary="Adaptive Context Normalization: learned mixture, momentum (online EM) updates",
 )
 METHODS.register(
     "acn-gradient",
-    NormMethod(cn.AdaptiveContextNorm, "num_components", {"update": "gradient"}),
+    NormMethod(cn.AdaptiveContextNorm, counted=True, fixed_options={"update": "gradient"}),
     summary="Adaptive Context Normalization: learned mixture, gradient updates",
 )
 METHODS.register(
     "mixnorm",
-    NormMethod(cn.MixtureNorm, "num_components"),
+    NormMethod(cn.MixtureNorm, counted=True),
     summary="Mixture Normalization: EM on each batch",
 )
 METHODS.register(
     "modenorm",
-    NormMethod(cn.ModeNorm, "num_contexts"),
+    NormMethod(cn.ModeNorm, counted=True),
     summary="Mode Normalization: gated batch statistics",
 )
 METHODS.register(

@@ -16,8 +16,8 @@ number of contexts ``K``:
 3. one more pass applies a per-sample affine map ``y = x * scale[n, c] + shift[n, c]``
    (:func:`affine_coefficients`, :func:`apply_sample_affine`).
 
-The mixture layers (ACN, MixNorm) need a posterior per position, so they work on the
-(positions, channels) matrix instead, again with matrix products over components.
+The mixture layers (ACN, MixNorm) need a posterior per position, so they work on a
+positions view of the activations instead, again with matrix products over components.
 
 Shapes: ``x`` is (N, C), (N, C, *spatial) or, with ``channel_last=True``, (N, *, C).
 Internally it is viewed as (N, C, L) without copying where the layout allows.
@@ -25,16 +25,21 @@ Internally it is viewed as (N, C, L) without copying where the layout allows.
 
 from .context import context_affine, sample_log_posterior
 from .mixture import (
-    CentredPoints,
-    centre_points,
+    MixtureStats,
+    batch_mixture_norm,
+    channels_inner,
+    component_sums,
     diag_gaussian_log_density,
+    expand_components,
     fit_diag_gmm,
+    from_positions_view,
     kmeans_plus_plus,
+    log_joint,
+    log_joint_coefficients,
     match_components,
-    point_log_density,
-    point_mixture_affine,
-    point_moments,
-    position_matrix,
+    mixture_transform,
+    positions_view,
+    sample_positions,
 )
 from .moments import (
     GroupSums,
@@ -68,15 +73,20 @@ __all__ = [
     "packed_moments",
     "affine_coefficients",
     "apply_sample_affine",
-    "CentredPoints",
-    "position_matrix",
-    "centre_points",
-    "point_log_density",
+    "MixtureStats",
+    "positions_view",
+    "from_positions_view",
+    "sample_positions",
+    "channels_inner",
+    "component_sums",
+    "expand_components",
+    "log_joint_coefficients",
+    "log_joint",
     "diag_gaussian_log_density",
     "sample_log_posterior",
+    "batch_mixture_norm",
+    "mixture_transform",
     "context_affine",
-    "point_moments",
-    "point_mixture_affine",
     "fit_diag_gmm",
     "kmeans_plus_plus",
     "match_components",
