@@ -200,11 +200,15 @@ def timing(configuration: Configuration, x: Tensor, upstream: Tensor, number: in
             module.zero_grad(set_to_none=True)
         module(x, *configuration.extra_inputs).backward(upstream)
 
-    timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
+    timer = benchmark.Timer(
+        stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads()
+    )
     return timer.timeit(number).mean
 
 
-def calibrate(configurations: Sequence[Configuration], x: Tensor, upstream: Tensor) -> dict[int, int]:
+def calibrate(
+    configurations: Sequence[Configuration], x: Tensor, upstream: Tensor
+) -> dict[int, int]:
     """Passes per timing for each configuration: about 10 ms of work, at most ``MAX_NUMBER``."""
     numbers = {}
     for c in configurations:
@@ -349,17 +353,20 @@ def markdown_report(
             f"{min(load):.1f}-{max(load):.1f} over the rounds, on {os.cpu_count()} logical CPUs; "
             "a load above the CPU count means other jobs shared the machine"
         ),
-        f"- float32, training mode; rounds: {rounds_done} of {rounds} measured after {warmup} warm-up",
+        f"- float32, training mode; rounds: {rounds_done} of {rounds} measured after {warmup} "
+        "warm-up",
         (
             "- Each round times every configuration once in a shuffled order, each beside its own "
             f"BatchNorm2d timing: up to {repeats} alternating passes of the two (fewer once the "
-            f"pair has used {PAIR_BUDGET_SECONDS:g} s), each pass a torch.utils.benchmark timing of "
+            f"pair has used {PAIR_BUDGET_SECONDS:g} s), each pass a torch.utils.benchmark timing "
+            "of "
             "about 10 ms of steps, the fastest of each kept. The ratio is the configuration's time "
             "over that BatchNorm2d time. Reported: median over rounds and IQR (25th-75th "
             "percentile) of the ratio; BatchNorm2d's ms is the median of all its timings."
         ),
         (
-            "- Context ids are uniform at random over K, checked once before timing; CN (loop) is a "
+            "- Context ids are uniform at random over K, checked once before timing; CN (loop) is "
+            "a "
             "per-context Python loop with autograd, the straightforward implementation; "
             "(compiled): torch.compile(fullgraph=True) of the layer, inductor backend."
         ),
@@ -388,8 +395,22 @@ def csv_report(summaries: list[Summary], machine: dict[str, str], device: torch.
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(
-        ["shape", "layer", "K", "median_ms", "ratio_median", "ratio_q1", "ratio_q3", "target", "met",
-         "device", "machine", "threads", "torch", "date"]
+        [
+            "shape",
+            "layer",
+            "K",
+            "median_ms",
+            "ratio_median",
+            "ratio_q1",
+            "ratio_q3",
+            "target",
+            "met",
+            "device",
+            "machine",
+            "threads",
+            "torch",
+            "date",
+        ]
     )
     for s in summaries:
         writer.writerow(
@@ -443,7 +464,9 @@ def non_negative_int(text: str) -> int:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=positive_int, default=7, help="measured rounds (default 7)")
+    parser.add_argument(
+        "--rounds", type=positive_int, default=7, help="measured rounds (default 7)"
+    )
     parser.add_argument(
         "--repeats",
         type=positive_int,
@@ -463,7 +486,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
-        "--compile", action="store_true", help=f"also time CN, CN-X, CN-E (K={COMPILED_COUNT}) compiled"
+        "--compile",
+        action="store_true",
+        help=f"also time CN, CN-X, CN-E (K={COMPILED_COUNT}) compiled",
     )
     parser.add_argument(
         "--quick",
@@ -528,7 +553,9 @@ def main(argv: Sequence[str] | None = None) -> list[Summary]:
         load.append(os.getloadavg()[0])
         summaries = []
         for shape, reference, configurations, x, upstream, numbers in setups:
-            measurements = run_round(reference, configurations, x, upstream, numbers, order, args.repeats)
+            measurements = run_round(
+                reference, configurations, x, upstream, numbers, order, args.repeats
+            )
             record_round(reference, measurements)
             summaries += [summarize(c, shape) for c in (reference, *configurations)]
         report = markdown_report(

@@ -52,7 +52,9 @@ def shifted_sums(x: Tensor) -> tuple[Tensor, Tensor]:
     shifted = x - x[:, :, :1]
     total = shifted.sum(2)
     length = x.shape[2]
-    return x[:, :, 0] + total / length, (torch.einsum("ncl,ncl->nc", shifted, shifted) - total * total / length) / length
+    return x[:, :, 0] + total / length, (
+        torch.einsum("ncl,ncl->nc", shifted, shifted) - total * total / length
+    ) / length
 
 
 def two_pass(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -72,7 +74,9 @@ CANDIDATES: dict[str, Callable[[Tensor], tuple[Tensor, Tensor]]] = {
 
 
 def microseconds(function: Callable[[Tensor], object], x: Tensor) -> float:
-    timer = benchmark.Timer("f(x)", globals={"f": function, "x": x}, num_threads=torch.get_num_threads())
+    timer = benchmark.Timer(
+        "f(x)", globals={"f": function, "x": x}, num_threads=torch.get_num_threads()
+    )
     return timer.blocked_autorange(min_run_time=0.3).median * 1e6
 
 
@@ -86,13 +90,16 @@ def main(argv: Sequence[str] | None = None) -> str:
     lines = [
         "# Per-sample moments: float32 error and time of the candidates",
         "",
-        f"- torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU; 1-minute load average "
-        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} logical CPUs (shared machine: times are noisy, "
+        f"- torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU; 1-minute load "
+        "average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} logical CPUs (shared machine: times are "
+        "noisy, "
         "ratios to BatchNorm taken in the same run)",
         "- error: max |var - var_float64| for x = offset + N(0, 1); time: one call (median, "
         "torch.utils.benchmark), and its ratio to a BatchNorm2d forward on the same data",
         "",
-        "| shape (N, C, L) | candidate | error, offset 0 | offset 1e3 | offset 1e4 | us | vs BN forward |",
+        "| shape (N, C, L) | candidate | error, offset 0 | offset 1e3 | offset 1e4 | us | vs BN "
+        "forward |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for shape in SHAPES:
@@ -108,7 +115,9 @@ def main(argv: Sequence[str] | None = None) -> str:
                 errors.append((function(x)[1].double() - expected).abs().max().item())
             time = microseconds(function, noise)
             lines.append(
-                f"| {shape} | {name} | " + " | ".join(f"{e:.1e}" for e in errors) + f" | {time:.0f} | {time / bn_time:.2f}x |"
+                f"| {shape} | {name} | "
+                + " | ".join(f"{e:.1e}" for e in errors)
+                + f" | {time:.0f} | {time / bn_time:.2f}x |"
             )
     report = "\n".join(lines) + "\n"
     suffix = "" if args.threads is None else f"_threads{args.threads}"

@@ -53,7 +53,9 @@ MODELS: dict[str, Callable[[Callable[[int], nn.Module] | None], nn.Module]] = {
 }
 
 
-def training_step(model_name: str, method: str, batch: int, size: int, device: torch.device) -> Callable[[], None]:
+def training_step(
+    model_name: str, method: str, batch: int, size: int, device: torch.device
+) -> Callable[[], None]:
     """One SGD step of ``model_name`` with ``method`` at every norm site, as a closure."""
     torch.manual_seed(0)
     model = MODELS[model_name](METHODS[method]).to(device).train()
@@ -76,7 +78,9 @@ def training_step(model_name: str, method: str, batch: int, size: int, device: t
 
 
 def seconds(step: Callable[[], None], number: int) -> float:
-    timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
+    timer = benchmark.Timer(
+        stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads()
+    )
     return timer.timeit(number).mean
 
 
@@ -84,11 +88,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds (default 5)")
     parser.add_argument("--batch", type=int, default=64, help="images per step (default 64)")
-    parser.add_argument("--size", type=int, default=16, help="image side (default 16, as the reduced configs)")
+    parser.add_argument(
+        "--size", type=int, default=16, help="image side (default 16, as the reduced configs)"
+    )
     parser.add_argument("--number", type=int, default=2, help="steps per timing (default 2)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    parser.add_argument("--quick", action="store_true", help="smoke test: 1 round, batch 8, 8x8 images")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke test: 1 round, batch 8, 8x8 images"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -100,7 +108,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[tuple[str, str], list[float]]:
-    """Run the benchmark; write ``training_step_<device>.md``; return the ratios per (model, method)."""
+    """Run the benchmark; write ``training_step_<device>.md``; return the ratios per (model,
+    method)."""
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -132,12 +141,14 @@ def main(argv: Sequence[str] | None = None) -> dict[tuple[str, str], list[float]
         f"- Machine: {machine['machine']} ({device.type}), {machine['threads']} torch threads",
         f"- torch {machine['torch']}, {machine['date']}",
         (
-            f"- Machine load: 1-minute load average {min(load):.1f}-{max(load):.1f} over the rounds on "
+            f"- Machine load: 1-minute load average {min(load):.1f}-{max(load):.1f} over the "
+            "rounds on "
             f"{os.cpu_count()} logical CPUs (above the CPU count: other jobs shared the machine)"
         ),
         (
             f"- One SGD step (forward, cross-entropy, backward, update) on {args.batch} images "
-            f"3x{args.size}x{args.size}, every norm site replaced, K = {NUM_CONTEXTS} for the layers "
+            f"3x{args.size}x{args.size}, every norm site replaced, K = {NUM_CONTEXTS} for the "
+            "layers "
             "that take one; context layers through ContextualModel (contexts checked once per step)"
         ),
         (
@@ -150,7 +161,11 @@ def main(argv: Sequence[str] | None = None) -> dict[tuple[str, str], list[float]
         "|---|---|---:|---:|---:|",
     ]
     for (model, method), values in ratios.items():
-        quartiles = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
+        quartiles = (
+            statistics.quantiles(values, n=4, method="inclusive")
+            if len(values) > 1
+            else [values[0]] * 3
+        )
         lines.append(
             f"| {model} | {method} | {1e3 * statistics.median(times[(model, method)]):.1f} | "
             f"{statistics.median(values):.2f}x | {quartiles[0]:.2f}-{quartiles[2]:.2f} |"

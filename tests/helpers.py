@@ -1,4 +1,5 @@
-"""What the layer tests share: calling any layer, gradcheck on fresh copies, the per-context reference."""
+"""What the layer tests share: calling any layer, gradcheck on fresh copies, the per-context
+reference."""
 
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def gradcheck_fresh(
     def function(x: Tensor, *values: Tensor) -> Tensor:
         fresh = copy.deepcopy(saved)
         arguments = (x, context) if getattr(fresh, "uses_context", False) else (x,)
-        return torch.func.functional_call(fresh, dict(zip(names, values)), arguments)
+        return torch.func.functional_call(fresh, dict(zip(names, values, strict=True)), arguments)
 
     return torch.autograd.gradcheck(
         function, (x, *parameters), eps=eps, atol=atol, rtol=rtol, fast_mode=fast_mode
@@ -85,7 +86,8 @@ def reference_context_norm(
     eps: float,
     statistics: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """The papers' transform, one context at a time (002 Alg. 1): ``gamma_k xhat / sqrt(lambda_k) + beta_k``.
+    """The papers' transform, one context at a time (002 Alg. 1): ``gamma_k xhat / sqrt(lambda_k) +
+    beta_k``.
 
     ``statistics``: per-context mean and variance (K, C) to normalise with (CN-X, CN in
     eval); ``None`` takes each context's batch mean and biased variance (CN in training).

@@ -107,7 +107,9 @@ def test_malformed_shape_is_rejected_naming_the_expected_form(layers_script, cap
 
 
 def test_training_step_quick_run_writes_a_row_per_model_and_norm(tmp_path):
-    spec = importlib.util.spec_from_file_location("training_step_benchmark", SCRIPT.parent / "training_step.py")
+    spec = importlib.util.spec_from_file_location(
+        "training_step_benchmark", SCRIPT.parent / "training_step.py"
+    )
     module = importlib.util.module_from_spec(spec)
     threads = torch.get_num_threads()
     try:
@@ -116,5 +118,9 @@ def test_training_step_quick_run_writes_a_row_per_model_and_norm(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert set(ratios) == {(model, method) for model in module.MODELS for method in module.METHODS}
-    rows = [line for line in (tmp_path / "training_step_cpu_threads1.md").read_text().splitlines() if line.startswith("| ")]
+    rows = [
+        line
+        for line in (tmp_path / "training_step_cpu_threads1.md").read_text().splitlines()
+        if line.startswith("| ")
+    ]
     assert len(rows) == len(ratios) + 1

@@ -19,7 +19,9 @@ from helpers import layer_factories, one_thread
 
 K = 3
 C = 4
-CONTEXT_LAYERS = {name: build for name, build in layer_factories(C, K).items() if name in ("cn", "cnx", "cne")}
+CONTEXT_LAYERS = {
+    name: build for name, build in layer_factories(C, K).items() if name in ("cn", "cnx", "cne")
+}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -41,7 +43,9 @@ def batches(name: str, steps: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]
     out = []
     for step in range(steps):
         x = torch.randn(6, C, 3, 3, generator=generator) * (step + 1) + step
-        context = torch.tensor([0, 1, 2, 0, 1, 2]) if name == "cn" else torch.tensor([0, 1, -1, 2, -1, 1])
+        context = (
+            torch.tensor([0, 1, 2, 0, 1, 2]) if name == "cn" else torch.tensor([0, 1, -1, 2, -1, 1])
+        )
         out.append((x, context))
     return out
 
@@ -52,10 +56,16 @@ TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def assert_same_state(got: nn.Module, expected: nn.Module) -> None:
-    for (key, value), (_, reference) in zip(got.state_dict().items(), expected.state_dict().items()):
+    for (key, value), (_, reference) in zip(
+        got.state_dict().items(), expected.state_dict().items(), strict=True
+    ):
         torch.testing.assert_close(value, reference, msg=key, **TOLERANCE)
-    for (key, value), (_, reference) in zip(got.named_parameters(), expected.named_parameters()):
-        torch.testing.assert_close(value.grad, reference.grad, msg=f"gradient of {key}", **TOLERANCE)
+    for (key, value), (_, reference) in zip(
+        got.named_parameters(), expected.named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(
+            value.grad, reference.grad, msg=f"gradient of {key}", **TOLERANCE
+        )
 
 
 @pytest.mark.parametrize("name", CONTEXT_LAYERS)
@@ -78,7 +88,11 @@ def test_compiled_training_with_explicit_contexts_equals_eager(name: str) -> Non
 def tiny_network() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, C, 3, padding=1), nn.BatchNorm2d(C), nn.ReLU(), nn.Conv2d(C, C, 1), nn.BatchNorm2d(C)
+        nn.Conv2d(3, C, 3, padding=1),
+        nn.BatchNorm2d(C),
+        nn.ReLU(),
+        nn.Conv2d(C, C, 1),
+        nn.BatchNorm2d(C),
     )
 
 
@@ -93,7 +107,7 @@ def test_compiled_converted_model_trains_like_eager(layer: type[nn.Module]) -> N
         x = torch.randn(6, 3, 5, 5, generator=generator)
         context = torch.tensor([0, 1, 2, 2, 1, 0])
         losses = []
-        for model, optimizer in zip((eager, compiled), optimizers):
+        for model, optimizer in zip((eager, compiled), optimizers, strict=True):
             optimizer.zero_grad()
             loss = model(x, context).square().mean()
             loss.backward()
@@ -158,7 +172,11 @@ EXPORT_INPUTS = (
     torch.randn(6, C, 3, 3, generator=torch.Generator().manual_seed(2)),
     torch.tensor([0, 1, 2, 2, 1, 0]),
 )
-TEST_CONTEXTS = (torch.tensor([0, 1, 2, 2, 1, 0]), torch.tensor([-1, 1, -1, 2, 0, -1]), torch.full((6,), -1))
+TEST_CONTEXTS = (
+    torch.tensor([0, 1, 2, 2, 1, 0]),
+    torch.tensor([-1, 1, -1, 2, 0, -1]),
+    torch.full((6,), -1),
+)
 
 
 @pytest.mark.parametrize("name", CONTEXT_LAYERS)
@@ -180,12 +198,15 @@ def test_export_with_checks_on_refuses_naming_the_switch(name: str) -> None:
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnxscript") is None,
+    importlib.util.find_spec("onnxruntime") is None
+    or importlib.util.find_spec("onnxscript") is None,
     reason="onnxruntime and onnxscript are not installed (pip install -e '.[test]')",
 )
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo-exporter", "torchscript-exporter"])
 @pytest.mark.parametrize("name", CONTEXT_LAYERS)
-def test_onnx_graph_handles_known_and_unknown_ids_as_eager(name: str, dynamo: bool, tmp_path) -> None:
+def test_onnx_graph_handles_known_and_unknown_ids_as_eager(
+    name: str, dynamo: bool, tmp_path
+) -> None:
     import onnxruntime
 
     model = trained_eval_layer(name, validate_context=False)

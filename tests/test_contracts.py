@@ -65,20 +65,32 @@ class Checkpointed(nn.Module):
     def __init__(self, norm: type[nn.Module] | None, checkpoint, reentrant: bool) -> None:
         super().__init__()
         torch.manual_seed(0)
-        build = (lambda: nn.BatchNorm2d(C)) if norm is None else (lambda: norm(C, K, prior_scaling=False))
+        build = (
+            (lambda: nn.BatchNorm2d(C))
+            if norm is None
+            else (lambda: norm(C, K, prior_scaling=False))
+        )
         self.blocks = nn.ModuleList([Block(build()), Block(build())])
         self.checkpoint = checkpoint
         self.reentrant = reentrant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
-            x = self.checkpoint(block, x, use_reentrant=self.reentrant) if self.checkpoint else block(x)
+            x = (
+                self.checkpoint(block, x, use_reentrant=self.reentrant)
+                if self.checkpoint
+                else block(x)
+            )
         return x
 
 
-def one_step(model: nn.Module, context: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def one_step(
+    model: nn.Module, context: torch.Tensor | None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Forward inside the context's scope, backward outside it (as trainers do); the gradients."""
-    x = (torch.randn(6, C, 5, 5, generator=torch.Generator().manual_seed(1)) * 2 + 1).requires_grad_()
+    x = (
+        torch.randn(6, C, 5, 5, generator=torch.Generator().manual_seed(1)) * 2 + 1
+    ).requires_grad_()
     if context is None:
         loss = model(x).square().mean()
     else:
@@ -90,14 +102,16 @@ def one_step(model: nn.Module, context: torch.Tensor | None) -> tuple[torch.Tens
 
 @pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("layer", [cn.ContextNorm, cn.ContextNormX, cn.ContextNormE])
-def test_checkpoint_recomputes_with_the_forwards_contexts(layer: type[nn.Module], reentrant: bool) -> None:
+def test_checkpoint_recomputes_with_the_forwards_contexts(
+    layer: type[nn.Module], reentrant: bool
+) -> None:
     context = torch.tensor([0, 1, 2, 2, 1, 0])
     plain = Checkpointed(layer, None, reentrant)
     loss, grads = one_step(plain, context)
     checkpointed = Checkpointed(layer, cn.checkpoint, reentrant)
     checkpointed_loss, checkpointed_grads = one_step(checkpointed, context)
     torch.testing.assert_close(checkpointed_loss, loss)
-    for got, expected in zip(checkpointed_grads, grads):
+    for got, expected in zip(checkpointed_grads, grads, strict=True):
         torch.testing.assert_close(got, expected)
 
 
@@ -119,17 +133,20 @@ def test_recomputation_outside_the_scope_is_refused_not_guessed(reentrant: bool)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_cn_with_one_context_keeps_batchnorms_running_statistics_under_checkpointing(reentrant: bool) -> None:
-    """BatchNorm updates its running statistics again when recomputed; CN(K=1) does exactly the same."""
+def test_cn_with_one_context_keeps_batchnorms_running_statistics_under_checkpointing(
+    reentrant: bool,
+) -> None:
+    """BatchNorm updates its running statistics again when recomputed; CN(K=1) does exactly the
+    same."""
     bn = Checkpointed(None, torch.utils.checkpoint.checkpoint, reentrant)
     context_norm = Checkpointed(cn.ContextNorm, cn.checkpoint, reentrant)
-    for block, reference in zip(context_norm.blocks, bn.blocks):
+    for block, reference in zip(context_norm.blocks, bn.blocks, strict=True):
         block.norm = cn.ContextNorm(C, 1, prior_scaling=False)
         block.conv.load_state_dict(reference.conv.state_dict())
     for _ in range(2):
         one_step(bn, None)
         one_step(context_norm, torch.zeros(6, dtype=torch.long))
-    for bn_block, cn_block in zip(bn.blocks, context_norm.blocks):
+    for bn_block, cn_block in zip(bn.blocks, context_norm.blocks, strict=True):
         torch.testing.assert_close(cn_block.norm.running_mean[0], bn_block.norm.running_mean)
         torch.testing.assert_close(cn_block.norm.running_var[0], bn_block.norm.running_var)
         assert int(cn_block.norm.num_batches_tracked[0]) == int(bn_block.norm.num_batches_tracked)
@@ -168,7 +185,9 @@ def batchnorm_model(bn: nn.Module) -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, C, 1), bn, nn.ReLU())
 
 
-@pytest.mark.parametrize("layer", [cn.ContextNorm, cn.ContextNormX, cn.ContextNormE, cn.ModeNorm, cn.SwitchNorm])
+@pytest.mark.parametrize(
+    "layer", [cn.ContextNorm, cn.ContextNormX, cn.ContextNormE, cn.ModeNorm, cn.SwitchNorm]
+)
 def test_convert_keeps_training_flags_momentum_none_and_dtype(layer: type[nn.Module]) -> None:
     model = nn.Sequential(nn.BatchNorm2d(C, momentum=None).double().eval(), nn.BatchNorm2d(C))
     count = () if layer is cn.SwitchNorm else (K,)
@@ -184,7 +203,11 @@ def test_convert_accepts_every_batchnorm_kind() -> None:
         cn.convert(batchnorm_model(lazy), cn.ContextNorm, K)
     model = batchnorm_model(nn.LazyBatchNorm2d())
     model(torch.randn(2, 3, 4, 4))
-    for source in (model, batchnorm_model(nn.SyncBatchNorm(C)), nn.Sequential(nn.BatchNorm1d(C), nn.BatchNorm3d(C))):
+    for source in (
+        model,
+        batchnorm_model(nn.SyncBatchNorm(C)),
+        nn.Sequential(nn.BatchNorm1d(C), nn.BatchNorm3d(C)),
+    ):
         batchnorms = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in source.modules())
         cn.convert(source, cn.ContextNormX, K)
         assert sum(isinstance(m, cn.ContextNormX) for m in source.modules()) == batchnorms

@@ -4,6 +4,7 @@ Inception weights checks, and the same scores from two processes as from one."""
 from __future__ import annotations
 
 import datetime
+import itertools
 import math
 import os
 import socket
@@ -86,8 +87,8 @@ def test_scores_near_zero_for_two_samples_of_the_same_data_and_grow_with_noise(e
     # mildest distortion, and a KID within its spread of zero.
     assert 0 <= same["fid"] < 0.2 * distorted[0]["fid"]
     assert abs(same["kid"]) < 2 * same["kid_std"] + 1e-3
-    assert all(a < b for a, b in zip(fids, fids[1:], strict=False)), fids
-    assert all(a < b for a, b in zip(kids, kids[1:], strict=False)), kids
+    assert all(a < b for a, b in itertools.pairwise(fids)), fids
+    assert all(a < b for a, b in itertools.pairwise(kids)), kids
 
 
 def test_scores_grow_with_blur(extractor, halves):
@@ -95,7 +96,7 @@ def test_scores_grow_with_blur(extractor, halves):
     scores = scores_for(extractor, real)
     fids = [scores.measure([other])["fid"]]
     fids += [scores.measure([blurred(other, kernel)])["fid"] for kernel in (3, 5, 9)]
-    assert all(a < b for a, b in zip(fids, fids[1:], strict=False)), fids
+    assert all(a < b for a, b in itertools.pairwise(fids)), fids
 
 
 def test_fid_equals_the_reference_formula_on_the_same_features(extractor, halves):

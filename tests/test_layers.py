@@ -50,10 +50,14 @@ CONTEXT_LAYERS = ("cn", "cnx", "cne", "cne_mlp")
 ALL_LAYERS = CONTEXT_LAYERS + ("acn_gradient", "acn_momentum", "mixnorm", "modenorm", "switchnorm")
 
 
-def batch(dtype: torch.dtype = torch.float32, n: int = 9, spatial: tuple[int, ...] = (3, 2)) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(
+    dtype: torch.dtype = torch.float32, n: int = 9, spatial: tuple[int, ...] = (3, 2)
+) -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(1)
     context = torch.arange(n) % K
-    x = torch.randn(n, C, *spatial, dtype=dtype) * 2 + context.view(-1, *([1] * (1 + len(spatial)))).to(dtype)
+    x = torch.randn(n, C, *spatial, dtype=dtype) * 2 + context.view(
+        -1, *([1] * (1 + len(spatial)))
+    ).to(dtype)
     return x, context
 
 
@@ -64,7 +68,9 @@ def batch(dtype: torch.dtype = torch.float32, n: int = 9, spatial: tuple[int, ..
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_gradcheck_inputs_and_parameters(name: str, mode: str) -> None:
     if name == "mixnorm" and mode == "train":
-        pytest.skip("EM draws its seeds at random per call; its weighted transform is checked below")
+        pytest.skip(
+            "EM draws its seeds at random per call; its weighted transform is checked below"
+        )
     layer = make_layer(name, torch.float64)
     x, context = batch(torch.float64, n=6, spatial=(3,))
     layer.train(mode == "train")
@@ -84,7 +90,8 @@ def test_gradcheck_unknown_contexts_through_the_posterior(name: str) -> None:
 
 
 def test_fused_backward_matches_plain_autograd() -> None:
-    """The fused moment backward equals autograd through var_mean on a layer that uses both moments."""
+    """The fused moment backward equals autograd through var_mean on a layer that uses both
+    moments."""
     layer = make_layer("switchnorm", torch.float64)
     x, _ = batch(torch.float64)
     x1 = x.clone().requires_grad_()
@@ -103,10 +110,12 @@ def test_fused_backward_matches_plain_autograd() -> None:
     wm, wv = torch.softmax(layer.mean_logits, 0), torch.softmax(layer.var_logits, 0)
     m = wm[0] * mean + wm[1] * layer_mean + wm[2] * batch_mean
     v = wv[0] * var + wv[1] * layer_var + wv[2] * batch_var
-    y = (x3 - m.unsqueeze(-1)) / torch.sqrt(v.unsqueeze(-1) + layer.eps) * layer.weight.view(1, -1, 1) + layer.bias.view(1, -1, 1)
+    y = (x3 - m.unsqueeze(-1)) / torch.sqrt(v.unsqueeze(-1) + layer.eps) * layer.weight.view(
+        1, -1, 1
+    ) + layer.bias.view(1, -1, 1)
     y.reshape(x.shape).backward(grad)
     plain_grads = [x2.grad] + [p.grad for p in layer.parameters()]
-    for fused, plain in zip(fused_grads, plain_grads):
+    for fused, plain in zip(fused_grads, plain_grads, strict=True):
         torch.testing.assert_close(fused, plain)
 
 
@@ -151,13 +160,17 @@ def test_cn_with_one_context_is_batchnorm(momentum: float | None, prior_scaling:
     bn.eval()
     layer.eval()
     x = torch.randn(8, C, 4, 4)
-    torch.testing.assert_close(layer(x, torch.zeros(8, dtype=torch.long)), bn(x), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        layer(x, torch.zeros(8, dtype=torch.long)), bn(x), atol=2e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("num_contexts", [2, 5, 40])
 def test_cn_matches_per_context_loop(num_contexts: int) -> None:
     torch.manual_seed(0)
-    layer = cn.ContextNorm(C, num_contexts, prior=torch.rand(num_contexts) + 0.1, prior_scaling=True).double()
+    layer = cn.ContextNorm(
+        C, num_contexts, prior=torch.rand(num_contexts) + 0.1, prior_scaling=True
+    ).double()
     with torch.no_grad():
         layer.weight.normal_()
         layer.bias.normal_()
@@ -195,19 +208,23 @@ def test_cn_eval_and_cnx_match_the_per_context_reference() -> None:
     cnx = make_layer("cnx")
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     got = cnx(x1, context)
-    expected = reference_context_norm(x2, context, cnx.weight, cnx.bias, cnx.prior, cnx.eps, (cnx.mean, cnx.std**2))
+    expected = reference_context_norm(
+        x2, context, cnx.weight, cnx.bias, cnx.prior, cnx.eps, (cnx.mean, cnx.std**2)
+    )
     torch.testing.assert_close(got, expected)
     upstream = torch.randn_like(x)
     fused = torch.autograd.grad(got, (x1, *cnx.parameters()), upstream)
     plain = torch.autograd.grad(expected, (x2, *cnx.parameters()), upstream)
-    for a, b in zip(fused, plain):
+    for a, b in zip(fused, plain, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     layer = make_layer("cn")
     layer(x * 2 + 1, context)
     layer.eval()
     statistics = (layer.running_mean, layer.running_var)
     prior = layer.prior if layer.prior_scaling else None
-    expected = reference_context_norm(x, context, layer.weight, layer.bias, prior, layer.eps, statistics)
+    expected = reference_context_norm(
+        x, context, layer.weight, layer.bias, prior, layer.eps, statistics
+    )
     torch.testing.assert_close(layer(x, context), expected)
 
 
@@ -216,15 +233,21 @@ def test_learned_statistics_start_from_each_contexts_first_training_batch(name: 
     """Data-dependent start (as Glow's ActNorm): the first batch comes out normalised per context
     (over the whole batch for the MLP encoder), contexts seen later start from their own batch."""
     options = {"hidden_features": 4} if name == "cne_mlp" else {}
-    layer = (cn.ContextNormX if name == "cnx" else cn.ContextNormE)(C, K, affine=False, prior_scaling=False, **options)
+    layer = (cn.ContextNormX if name == "cnx" else cn.ContextNormE)(
+        C, K, affine=False, prior_scaling=False, **options
+    )
     torch.manual_seed(0)
     context = torch.tensor([0, 1] * 6)
     x = torch.randn(12, C, 4, 4) * 5 + 20 * context.view(-1, 1, 1, 1) + 3
     y = layer(x, context)
-    groups = [context == 0, context == 1] if name != "cne_mlp" else [torch.ones(12, dtype=torch.bool)]
+    groups = (
+        [context == 0, context == 1] if name != "cne_mlp" else [torch.ones(12, dtype=torch.bool)]
+    )
     for rows in groups:
         torch.testing.assert_close(y[rows].mean((0, 2, 3)), torch.zeros(C), atol=1e-4, rtol=0)
-        torch.testing.assert_close(y[rows].var((0, 2, 3), correction=0), torch.ones(C), atol=1e-3, rtol=0)
+        torch.testing.assert_close(
+            y[rows].var((0, 2, 3), correction=0), torch.ones(C), atol=1e-3, rtol=0
+        )
     assert layer.initialized.tolist() == ([True, True, False] if name != "cne_mlp" else [True] * 3)
     later = torch.randn(4, C, 4, 4) * 2 - 7
     y = layer(later, torch.full((4,), 2))
@@ -235,7 +258,9 @@ def test_learned_statistics_start_from_each_contexts_first_training_batch(name: 
     layer(x * 3, context)  # initialised contexts are not started again
     for key, value in layer.state_dict().items():
         assert torch.equal(value, before[key]), key
-    unstarted = (cn.ContextNormX if name == "cnx" else cn.ContextNormE)(C, K, data_init=False, **options)
+    unstarted = (cn.ContextNormX if name == "cnx" else cn.ContextNormE)(
+        C, K, data_init=False, **options
+    )
     unstarted(x, context)
     assert not unstarted.initialized.any()
 
@@ -254,12 +279,16 @@ def test_cne_soft_assignment_encodes_the_mixture() -> None:
     soft = torch.softmax(torch.randn(x.shape[0], K), 1)
     mean, var = layer.encode(soft)
     gain = soft @ layer.prior.rsqrt()
-    expected = (x - mean[..., None, None]) / torch.sqrt(var[..., None, None] + layer.eps) * gain.view(-1, 1, 1, 1)
+    expected = (
+        (x - mean[..., None, None])
+        / torch.sqrt(var[..., None, None] + layer.eps)
+        * gain.view(-1, 1, 1, 1)
+    )
     expected = expected * layer.weight.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)
     torch.testing.assert_close(layer(x, soft), expected)
 
 
-# --- invariances, layouts, priors ------------------------------------------------------------------
+# --- invariances, layouts, priors -----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ALL_LAYERS)
@@ -317,7 +346,7 @@ def test_given_prior_scales_by_inverse_square_root() -> None:
     torch.testing.assert_close(ratio, expected)
 
 
-# --- unknown contexts --------------------------------------------------------------------------------
+# --- unknown contexts -----------------------------------------------------------------------------
 
 
 def separated_contexts_layer(name: str) -> nn.Module:
@@ -359,7 +388,7 @@ def test_unknown_context_mixes_by_posterior_that_sums_to_one() -> None:
     torch.testing.assert_close(y, 0.5 * (y0 + y1), atol=1e-4, rtol=1e-4)
 
 
-# --- mixture layers ----------------------------------------------------------------------------------
+# --- mixture layers -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("update", ["gradient", "momentum"])
@@ -404,7 +433,7 @@ def test_mixnorm_normalises_each_component() -> None:
         torch.testing.assert_close(part.std(0), torch.ones(2), atol=0.05, rtol=0)
 
 
-# --- state, dtypes -----------------------------------------------------------------------------------
+# --- state, dtypes --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ALL_LAYERS)
@@ -453,7 +482,9 @@ RESETTABLE = CONTEXT_LAYERS + ("modenorm", "switchnorm")
 
 @pytest.mark.parametrize("name", RESETTABLE)
 @pytest.mark.parametrize("training", [True, False])
-def test_reset_running_stats_and_reset_parameters_mean_what_batchnorm_means(name: str, training: bool) -> None:
+def test_reset_running_stats_and_reset_parameters_mean_what_batchnorm_means(
+    name: str, training: bool
+) -> None:
     """reset_running_stats: running estimates only; reset_parameters: every learned value and them.
 
     Neither changes ``.training``. What "back to the start" means is read off a layer built
@@ -487,7 +518,9 @@ def test_reset_running_stats_and_reset_parameters_mean_what_batchnorm_means(name
         assert torch.equal(dict(layer.named_buffers())[key], value), key
     for key, value in fresh.named_parameters():
         # Encoders' hidden layers and ModeNorm's gate start at random, like nn.Linear's weights.
-        random_start = key.startswith("gate.") or (key.endswith(".0.weight") or key.endswith(".0.bias"))
+        random_start = key.startswith("gate.") or (
+            key.endswith(".0.weight") or key.endswith(".0.bias")
+        )
         if not random_start:
             assert torch.equal(dict(layer.named_parameters())[key], value), key
     assert str(C) in layer.extra_repr()

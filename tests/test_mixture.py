@@ -75,7 +75,9 @@ def gradcheck_fresh(layer: nn.Module, x: torch.Tensor, **options) -> bool:
     parameters = [p.detach().clone().requires_grad_() for _, p in saved.named_parameters()]
 
     def function(x: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
-        return torch.func.functional_call(copy.deepcopy(saved), dict(zip(names, values)), (x,))
+        return torch.func.functional_call(
+            copy.deepcopy(saved), dict(zip(names, values, strict=True)), (x,)
+        )
 
     settings = {"eps": 1e-6, "atol": 1e-5, "rtol": 1e-3, **options}
     return torch.autograd.gradcheck(
@@ -189,7 +191,7 @@ def test_fused_transform_and_its_gradient_equal_the_reference(
     got_grads = torch.autograd.grad(got, wanted, upstream)
     wanted[0] = x2
     expected_grads = torch.autograd.grad(expected, wanted, upstream)
-    for a, b in zip(got_grads, expected_grads):
+    for a, b in zip(got_grads, expected_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-9)
 
 
@@ -561,9 +563,9 @@ def test_acn_compiles_without_graph_breaks_and_matches_eager(update: str, traini
     y1.backward(upstream)
     y2.backward(upstream)
     torch.testing.assert_close(x2.grad, x1.grad, atol=1e-4, rtol=1e-4)
-    for (name, a), b in zip(layer.named_parameters(), twin.parameters()):
+    for (name, a), b in zip(layer.named_parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-4, msg=name)
-    for (name, a), b in zip(layer.named_buffers(), twin.buffers()):
+    for (name, a), b in zip(layer.named_buffers(), twin.buffers(), strict=True):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=name)
 
 

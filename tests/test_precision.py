@@ -40,7 +40,11 @@ def build(name: str, channels: int) -> nn.Module:
 
 
 def run(
-    layer: nn.Module, x: torch.Tensor, context: torch.Tensor, upstream: torch.Tensor, autocast: torch.dtype | None
+    layer: nn.Module,
+    x: torch.Tensor,
+    context: torch.Tensor,
+    upstream: torch.Tensor,
+    autocast: torch.dtype | None,
 ) -> dict:
     """Output, input gradient and running buffers of one training step of ``layer``.
 
@@ -70,7 +74,15 @@ def within(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> boo
 _TOLERANCE = {torch.bfloat16: (1.6e-2, 1e-5), torch.float16: (1e-3, 1e-5)}
 LAYERS = ("cn", "cnx", "cne", "modenorm", "switchnorm")
 SHAPES = ((12, 4), (12, 4, 5), (12, 6, 3, 3))
-MAGNITUDES = ((0.0, 1.0), (0.0, 1e-2), (3.0, 0.1), (10.0, 1.0), (100.0, 1.0), (0.0, 300.0), (1e3, 10.0))
+MAGNITUDES = (
+    (0.0, 1.0),
+    (0.0, 1e-2),
+    (3.0, 0.1),
+    (10.0, 1.0),
+    (100.0, 1.0),
+    (0.0, 300.0),
+    (1e3, 10.0),
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -98,11 +110,20 @@ def test_autocast_matches_float32_wherever_batchnorm_does(name: str, dtype: torc
         for key, value in low["buffers"].items():
             assert value.dtype == torch.float32 and torch.isfinite(value).all(), key
         for quantity in ("y", "grad"):
-            if torch.isfinite(bn_low[quantity].float()).all() and not torch.isfinite(low[quantity].float()).all():
-                failures.append(f"{shape} offset={offset} std={std} seed={seed}: non-finite {quantity}")
-            if within(bn_low[quantity], bn_high[quantity], dtype) and not within(low[quantity], high[quantity], dtype):
+            if (
+                torch.isfinite(bn_low[quantity].float()).all()
+                and not torch.isfinite(low[quantity].float()).all()
+            ):
+                failures.append(
+                    f"{shape} offset={offset} std={std} seed={seed}: non-finite {quantity}"
+                )
+            if within(bn_low[quantity], bn_high[quantity], dtype) and not within(
+                low[quantity], high[quantity], dtype
+            ):
                 error = (low[quantity].float() - high[quantity]).abs().max().item()
-                failures.append(f"{shape} offset={offset} std={std} seed={seed}: {quantity} off by {error:.3g}")
+                failures.append(
+                    f"{shape} offset={offset} std={std} seed={seed}: {quantity} off by {error:.3g}"
+                )
         for key, value in low["buffers"].items():
             torch.testing.assert_close(value, high["buffers"][key], rtol=2e-2, atol=1e-3)
     assert cases == len(SHAPES) * len(MAGNITUDES) * 2
@@ -113,7 +134,11 @@ def float64_error(layer: nn.Module, x: torch.Tensor, context: torch.Tensor | Non
     """Max error of the float32 output against the same layer (same state) in float64."""
     wide = copy.deepcopy(layer).double()
     narrow = copy.deepcopy(layer)
-    flat = (lambda t: t.reshape(t.shape[0], t.shape[1], -1)) if isinstance(layer, nn.BatchNorm1d) else (lambda t: t)
+    flat = (
+        (lambda t: t.reshape(t.shape[0], t.shape[1], -1))
+        if isinstance(layer, nn.BatchNorm1d)
+        else (lambda t: t)
+    )
     expected = call(wide, flat(x.double()), context)
     got = call(narrow, flat(x), context)
     return (got.double() - expected).abs().max().item()
@@ -131,8 +156,11 @@ def float64_error(layer: nn.Module, x: torch.Tensor, context: torch.Tensor | Non
         ("cne", "unknown"),
     ],
 )
-def test_float32_far_from_zero_within_ten_times_batchnorm(name: str, mode: str, ratio: float) -> None:
-    """x = offset + std * noise with offset / std = ``ratio``; "unknown": the posterior path (ids of -1)."""
+def test_float32_far_from_zero_within_ten_times_batchnorm(
+    name: str, mode: str, ratio: float
+) -> None:
+    """x = offset + std * noise with offset / std = ``ratio``; "unknown": the posterior path (ids
+    of -1)."""
     torch.manual_seed(0)
     known = torch.arange(16) % K
     context = torch.tensor([-1, 0, 1, 2] * 4) if mode == "unknown" else known
@@ -145,7 +173,9 @@ def test_float32_far_from_zero_within_ten_times_batchnorm(name: str, mode: str, 
         bn = nn.BatchNorm1d(6)
         bn_error = float64_error(bn, x, None)
         error = float64_error(layer, x, context)
-        assert error <= max(10 * bn_error, 1e-5), f"std={std}: error {error:.3g}, BatchNorm {bn_error:.3g}"
+        assert error <= max(10 * bn_error, 1e-5), (
+            f"std={std}: error {error:.3g}, BatchNorm {bn_error:.3g}"
+        )
 
 
 @pytest.mark.parametrize("grouping", ["ids", "weights"])
@@ -167,7 +197,7 @@ def test_group_sums_of_two_halves_add_up_to_the_whole_batch(grouping: str) -> No
         return F.group_sums(moments.mean[rows], moments.var[rows], 7, shift, **by)
 
     halves = [sums(slice(0, 5)), sums(slice(5, 12))]
-    combined = F.GroupSums(*(a + b for a, b in zip(*halves)))
+    combined = F.GroupSums(*(a + b for a, b in zip(*halves, strict=True)))
     mean, var = F.group_moments(combined, shift)
     by = {"ids": ids, "num_groups": K} if grouping == "ids" else {"weights": weights}
     expected_mean, expected_var, count = F.pooled_moments(moments.mean, moments.var, 7, **by)

@@ -16,7 +16,9 @@ class Block(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(channels)
-        self.inner = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.BatchNorm2d(channels), nn.ReLU())
+        self.inner = nn.Sequential(
+            nn.Conv2d(channels, channels, 1), nn.BatchNorm2d(channels), nn.ReLU()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.inner(torch.relu(self.bn(self.conv(x))))
@@ -29,7 +31,9 @@ class TinyResNet(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
         self.stages = nn.Sequential(Block(8), nn.Sequential(Block(8)))
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.BatchNorm1d(16), nn.Linear(16, 3))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.BatchNorm1d(16), nn.Linear(16, 3)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.stages(self.stem(x)))
@@ -49,7 +53,15 @@ def trained_batchnorm_model() -> TinyResNet:
 
 
 @pytest.mark.parametrize(
-    "layer", [cn.ContextNorm, cn.ContextNormX, cn.ContextNormE, cn.AdaptiveContextNorm, cn.MixtureNorm, cn.ModeNorm]
+    "layer",
+    [
+        cn.ContextNorm,
+        cn.ContextNormX,
+        cn.ContextNormE,
+        cn.AdaptiveContextNorm,
+        cn.MixtureNorm,
+        cn.ModeNorm,
+    ],
 )
 def test_convert_replaces_every_batchnorm_at_any_depth(layer: type[nn.Module]) -> None:
     model = cn.convert(trained_batchnorm_model(), layer, 3)
@@ -66,7 +78,9 @@ def test_convert_switchnorm_takes_no_context_count() -> None:
 
 
 @pytest.mark.parametrize("layer", [cn.ContextNorm, cn.ContextNormX, cn.ContextNormE])
-def test_converted_model_in_eval_reproduces_batchnorm_without_prior_scaling(layer: type[nn.Module]) -> None:
+def test_converted_model_in_eval_reproduces_batchnorm_without_prior_scaling(
+    layer: type[nn.Module],
+) -> None:
     """What carries over: affine parameters and running statistics, into every context."""
     original = trained_batchnorm_model().eval()
     converted = cn.convert(trained_batchnorm_model(), layer, 4, prior_scaling=False).eval()
@@ -107,9 +121,8 @@ def test_context_does_not_leak_after_an_exception() -> None:
         raise Boom
 
     handle = model.stages[0].register_forward_pre_hook(exploding_hook)
-    with pytest.raises(Boom):
-        with cn.use_context(torch.zeros(4, dtype=torch.long)):
-            model(torch.randn(4, 3, 4, 4))
+    with pytest.raises(Boom), cn.use_context(torch.zeros(4, dtype=torch.long)):
+        model(torch.randn(4, 3, 4, 4))
     handle.remove()
     with pytest.raises(RuntimeError, match="ran without a context"):
         model(torch.randn(4, 3, 4, 4))

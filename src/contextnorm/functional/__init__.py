@@ -95,4 +95,3 @@ __all__ = [
     "synced_pooled_moments",
     "agree_across_processes",
 ]
-

@@ -8,7 +8,12 @@ from torch import Tensor
 
 
 def sample_log_posterior(
-    mean: Tensor, var: Tensor, positions: int, context_mean: Tensor, context_var: Tensor, log_prior: Tensor
+    mean: Tensor,
+    var: Tensor,
+    positions: int,
+    context_mean: Tensor,
+    context_var: Tensor,
+    log_prior: Tensor,
 ) -> Tensor:
     """Log posterior (N, K) that a whole sample comes from each context.
 
@@ -32,7 +37,6 @@ def sample_log_posterior(
     return log_joint.log_softmax(1)
 
 
-
 def context_affine(
     x: Tensor,
     ids: Tensor,
@@ -43,7 +47,8 @@ def context_affine(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
 ) -> Tensor:
-    """``y[n] = weight[k] * gain[k] * (x[n] - mean[k]) / sqrt(var[k] + eps) + bias[k]`` with ``k = ids[n]``.
+    """``y[n] = weight[k] * gain[k] * (x[n] - mean[k]) / sqrt(var[k] + eps) + bias[k]`` with ``k =
+    ids[n]``.
 
     The normalising step of CN, CN-X and CN-E for known context ids: ``x`` (N, C, L),
     ``ids`` (N,), per-context ``mean``, ``var`` (K, C), ``gain`` (K, 1) (the
@@ -63,11 +68,20 @@ class _ContextAffine(torch.autograd.Function):
         root = torch.rsqrt(var + eps)
         scale = root if gain is None else root * gain
         full_scale = scale if weight is None else scale * weight
-        shift = -mean * full_scale if bias is None else torch.addcmul(bias, mean, full_scale, value=-1.0)
+        shift = (
+            -mean * full_scale
+            if bias is None
+            else torch.addcmul(bias, mean, full_scale, value=-1.0)
+        )
         sample_scale = full_scale.index_select(0, ids)
         ctx.save_for_backward(x, ids, mean, root, scale, full_scale, sample_scale, weight)
-        ctx.shapes = (None if weight is None else weight.dim(), None if bias is None else bias.dim())
-        return torch.addcmul(shift.index_select(0, ids).unsqueeze(-1), x, sample_scale.unsqueeze(-1)).to(x.dtype)
+        ctx.shapes = (
+            None if weight is None else weight.dim(),
+            None if bias is None else bias.dim(),
+        )
+        return torch.addcmul(
+            shift.index_select(0, ids).unsqueeze(-1), x, sample_scale.unsqueeze(-1)
+        ).to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -76,8 +90,12 @@ class _ContextAffine(torch.autograd.Function):
         weight_dim, bias_dim = ctx.shapes
         with torch.autocast(x.device.type, enabled=False):
             wide = grad.to(sample_scale.dtype)
-            grad_x = (wide * sample_scale.unsqueeze(-1)).to(x.dtype) if ctx.needs_input_grad[0] else None
-            per_sample = torch.stack((torch.einsum("ncl,ncl->nc", wide, x.to(wide.dtype)), wide.sum(2)))
+            grad_x = (
+                (wide * sample_scale.unsqueeze(-1)).to(x.dtype) if ctx.needs_input_grad[0] else None
+            )
+            per_sample = torch.stack(
+                (torch.einsum("ncl,ncl->nc", wide, x.to(wide.dtype)), wide.sum(2))
+            )
             per_context = per_sample.new_zeros(2, *mean.shape).index_add_(1, ids, per_sample)
             grad_full_scale = torch.addcmul(per_context[0], per_context[1], mean, value=-1.0)
             grad_mean = -per_context[1] * full_scale

@@ -33,7 +33,9 @@ import torch
 from torch import Tensor
 
 
-def as_ncl(x: Tensor, num_features: int, channel_last: bool = False) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+def as_ncl(
+    x: Tensor, num_features: int, channel_last: bool = False
+) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """View ``x`` as (N, C, L) and return the view with a function mapping (N, C, L) back.
 
     Raises a ``ValueError`` naming the expected layout when the channel count is wrong. An
@@ -42,7 +44,9 @@ def as_ncl(x: Tensor, num_features: int, channel_last: bool = False) -> tuple[Te
     if not isinstance(x, Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 2:
-        raise ValueError(f"input must have at least 2 dimensions (N, C, ...), got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"input must have at least 2 dimensions (N, C, ...), got shape {tuple(x.shape)}"
+        )
     if not x.is_floating_point():
         raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}")
     channel_dim = -1 if channel_last and x.dim() > 2 else 1
@@ -50,13 +54,14 @@ def as_ncl(x: Tensor, num_features: int, channel_last: bool = False) -> tuple[Te
         layout = "(N, *, C) with channel_last=True" if channel_last else "(N, C, *spatial)"
         hint = "" if channel_last else "; for token tensors (N, L, C) pass channel_last=True"
         raise ValueError(
-            f"expected {num_features} channels at dim {channel_dim} of an input laid out as {layout}, "
+            f"expected {num_features} channels at dim {channel_dim} of an input laid out as "
+            f"{layout}, "
             f"got shape {tuple(x.shape)}{hint}"
         )
     shape = x.shape
     n = shape[0]
     positions = 1
-    for size in (shape[2:] if channel_dim == 1 else shape[1:-1]):
+    for size in shape[2:] if channel_dim == 1 else shape[1:-1]:
         positions *= size
     if channel_dim == 1:
         return x.reshape(n, num_features, positions), lambda y: y.reshape(shape)
@@ -67,7 +72,8 @@ def as_ncl(x: Tensor, num_features: int, channel_last: bool = False) -> tuple[Te
 
 
 def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype statistics of ``dtype`` activations are computed in: float32, or float64 for float64."""
+    """The dtype statistics of ``dtype`` activations are computed in: float32, or float64 for
+    float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -110,7 +116,8 @@ def sample_moments(x: Tensor) -> Moments:
 
 
 def _moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean, variance and the values in the statistics dtype (``x`` itself when it has that dtype)."""
+    """Mean, variance and the values in the statistics dtype (``x`` itself when it has that
+    dtype)."""
     n, c, length = x.shape
     wide = x.to(statistics_dtype(x.dtype))
     if wide.numel() == 0:
@@ -134,9 +141,11 @@ def _traced() -> bool:
 
 
 class _SampleMoments(torch.autograd.Function):
-    """``(mean, var, x)`` of ``x``, whose backward adds the moments' gradient to the values' in one pass.
+    """``(mean, var, x)`` of ``x``, whose backward adds the moments' gradient to the values' in one
+    pass.
 
-    With ``m = mean_l x`` and ``v = mean_l (x - m)^2``, ``dx = dvalues + dm / L + 2 dv (x - m) / L``.
+    With ``m = mean_l x`` and ``v = mean_l (x - m)^2``, ``dx = dvalues + dm / L + 2 dv (x - m) /
+    L``.
     Autograd calls this backward after every use of the three outputs has been differentiated.
     """
 
@@ -189,7 +198,9 @@ def group_sums(
     if ids is not None:
         centred = mean - shift.index_select(0, ids)
         empty = mean.new_zeros(shift.shape)
-        count = mean.new_zeros(shift.shape[0]).index_add_(0, ids, mean.new_ones(ids.shape)) * positions
+        count = (
+            mean.new_zeros(shift.shape[0]).index_add_(0, ids, mean.new_ones(ids.shape)) * positions
+        )
         first_sum = empty.index_add(0, ids, centred)
         second_sum = empty.index_add(0, ids, torch.addcmul(var, centred, centred))
     else:
@@ -203,7 +214,8 @@ def group_sums(
 
 
 def group_moments(sums: GroupSums, shift: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and biased variance (K, C) from :class:`GroupSums`; a group with no data gets ``shift`` and 0."""
+    """Mean and biased variance (K, C) from :class:`GroupSums`; a group with no data gets ``shift``
+    and 0."""
     count = sums.count.clamp_min(torch.finfo(sums.sum.dtype).tiny).unsqueeze(1)
     offset = sums.sum / count
     var = (sums.sum_of_squares / count - offset * offset).clamp_min(0.0)
@@ -231,7 +243,11 @@ def pooled_moments(
                 raise ValueError("pooled_moments needs num_groups with ids")
             empty = mean.new_zeros(num_groups, mean.shape[1])
             total = empty.index_add(0, ids, mean)
-            mass = mean.new_zeros(num_groups).index_add_(0, ids, mean.new_ones(ids.shape)).clamp_min(1.0)
+            mass = (
+                mean.new_zeros(num_groups)
+                .index_add_(0, ids, mean.new_ones(ids.shape))
+                .clamp_min(1.0)
+            )
             shift = total / mass.unsqueeze(1)
         else:
             shift = mean.mean(0) if mean.shape[0] else mean.new_zeros(mean.shape[1])
@@ -289,7 +305,8 @@ def affine_coefficients(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(scale, shift)`` such that ``x * scale + shift == weight * gain * (x - mean) / sqrt(var + eps) + bias``.
+    """``(scale, shift)`` such that ``x * scale + shift == weight * gain * (x - mean) / sqrt(var +
+    eps) + bias``.
 
     All arguments broadcast against (G, C), where G indexes contexts, components or samples.
     ``gain`` carries the mixture factor ``1/sqrt(lambda_k)`` as a (G, 1) column.
@@ -304,7 +321,8 @@ def affine_coefficients(
 
 
 def apply_sample_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """``x * scale + shift`` for ``x`` (N, C, L) and per-sample coefficients (N, C), in ``x``'s dtype.
+    """``x * scale + shift`` for ``x`` (N, C, L) and per-sample coefficients (N, C), in ``x``'s
+    dtype.
 
     Computed in the coefficients' precision (float32 for half-precision ``x``) and rounded
     once, as BatchNorm does. Pass :attr:`Moments.values` as ``x`` when the coefficients were
@@ -336,7 +354,9 @@ class _SampleAffine(torch.autograd.Function):
             wide_grad, wide_x = grad.to(wide), x.to(wide)
             grad_scale = torch.einsum("ncl,ncl->nc", wide_grad, wide_x).to(scale.dtype)
             grad_shift = wide_grad.sum(2).to(scale.dtype)
-            grad_x = (wide_grad * scale.unsqueeze(-1)).to(x.dtype) if ctx.needs_input_grad[0] else None
+            grad_x = (
+                (wide_grad * scale.unsqueeze(-1)).to(x.dtype) if ctx.needs_input_grad[0] else None
+            )
         return grad_x, grad_scale, grad_shift
 
 
@@ -356,8 +376,12 @@ def update_running_moments(
     """
     with torch.no_grad():
         present = count > 0
-        correction = torch.where(count > 1, count / (count - 1).clamp_min(1.0), torch.ones_like(count))
+        correction = torch.where(
+            count > 1, count / (count - 1).clamp_min(1.0), torch.ones_like(count)
+        )
         rate = momentum.reshape(-1, 1) if isinstance(momentum, Tensor) else momentum
         rate = rate * present.unsqueeze(1).to(running_mean.dtype)
         running_mean.lerp_(batch_mean.detach().to(running_mean.dtype), rate)
-        running_var.lerp_((batch_var.detach() * correction.unsqueeze(1)).to(running_var.dtype), rate)
+        running_var.lerp_(
+            (batch_var.detach() * correction.unsqueeze(1)).to(running_var.dtype), rate
+        )

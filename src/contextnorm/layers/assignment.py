@@ -37,7 +37,8 @@ class CheckedContext:
 
 _UNCHECKABLE = (
     "contexts are checked by reading their values on the host, which a traced or exported graph "
-    "cannot do, and a traced graph would keep only the path of the example's ids; turn the check off "
+    "cannot do, and a traced graph would keep only the path of the example's ids; turn the check "
+    "off "
     "where the contexts enter the traced code (the layers' validate_context=False, "
     "ContextualModel(model, validate=False) or use_context(context, validate=False)) and check the "
     "contexts before the call with contextnorm.check_context if needed. Unchecked, ids of -1 are "
@@ -46,7 +47,8 @@ _UNCHECKABLE = (
 
 
 def _check_context(context: object, num_contexts: int | None = None) -> CheckedContext:
-    """Check the values of a ``context`` (one host read); every error names the argument and the fix.
+    """Check the values of a ``context`` (one host read); every error names the argument and the
+    fix.
 
     Accepted: integer ids (N,) with -1 for an unknown context, float probabilities (N, K)
     that sum to 1 per sample, or ``None`` (every context unknown). Ids are compared with
@@ -65,7 +67,9 @@ def _check_context(context: object, num_contexts: int | None = None) -> CheckedC
     if context.is_floating_point():
         if context.dim() == 2 and context.numel():
             if not bool(torch.isfinite(context).all()) or bool((context < 0).any()):
-                raise ValueError("soft context assignments must be finite and non-negative probabilities")
+                raise ValueError(
+                    "soft context assignments must be finite and non-negative probabilities"
+                )
             row_sums = context.sum(1)
             if not torch.allclose(row_sums, torch.ones_like(row_sums), atol=1e-3):
                 raise ValueError(
@@ -100,8 +104,10 @@ def _check_range(checked: CheckedContext, num_contexts: int) -> None:
 
 def _range_error(low: int | None, high: int | None, num_contexts: int | None) -> None:
     bound = "K" if num_contexts is None else str(num_contexts)
-    hint = "" if num_contexts is None else (
-        f"; check that num_contexts={num_contexts} matches how the contexts were built"
+    hint = (
+        ""
+        if num_contexts is None
+        else (f"; check that num_contexts={num_contexts} matches how the contexts were built")
     )
     raise ValueError(
         f"context ids must lie in [0, {bound}) (or be -1 for an unknown context), got values in "
@@ -116,7 +122,9 @@ def _check_kind(context: object) -> None:
             f"got {type(context).__name__}"
         )
     if context.dtype == torch.bool:
-        raise TypeError("context must hold int64 context ids, not booleans; convert it with context.long()")
+        raise TypeError(
+            "context must hold int64 context ids, not booleans; convert it with context.long()"
+        )
     if not context.is_floating_point() and context.dtype not in _INTEGER_DTYPES:
         raise TypeError(f"context ids must be an integer tensor (int64), got dtype {context.dtype}")
 
@@ -214,13 +222,23 @@ class ContextAssignment:
         if value.is_floating_point():
             if value.dim() != 2 or tuple(value.shape) != (batch_size, num_contexts):
                 raise ValueError(
-                    f"soft context assignments must have shape (N, K) = ({batch_size}, {num_contexts}), got "
+                    f"soft context assignments must have shape (N, K) = ({batch_size}, "
+                    f"{num_contexts}), got "
                     f"{tuple(value.shape)}; for hard ids pass an int64 tensor of shape (N,)"
                 )
-            return cls(num_contexts, None, None, value.to(device=device, dtype=dtype), (), dtype, checked is not None)
+            return cls(
+                num_contexts,
+                None,
+                None,
+                value.to(device=device, dtype=dtype),
+                (),
+                dtype,
+                checked is not None,
+            )
         if value.dim() != 1 or value.shape[0] != batch_size:
             raise ValueError(
-                f"context ids must have shape (N,) = ({batch_size},) to match the batch, got {tuple(value.shape)}"
+                f"context ids must have shape (N,) = ({batch_size},) to match the batch, got "
+                f"{tuple(value.shape)}"
             )
         ids = value.to(device=device, dtype=torch.int64)
         if checked is None:
@@ -228,5 +246,7 @@ class ContextAssignment:
             return cls(num_contexts, ids.clamp_min(0), unknown, None, (), dtype)
         _check_range(checked, num_contexts)
         if checked.low is not None and checked.low < 0:
-            return cls(num_contexts, ids.clamp_min(0), ids < 0, None, checked.singletons, dtype, True)
+            return cls(
+                num_contexts, ids.clamp_min(0), ids < 0, None, checked.singletons, dtype, True
+            )
         return cls(num_contexts, ids, None, None, checked.singletons, dtype, True)

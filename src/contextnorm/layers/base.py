@@ -36,10 +36,14 @@ def renamed_count(name: str, value: int | None, old_name: str, old_value: int | 
     """The count given as ``name``, or as its former name ``old_name`` with a ``FutureWarning``."""
     if old_value is not None:
         warnings.warn(
-            f"{old_name} is renamed {name}; pass {name}={old_value} instead", FutureWarning, stacklevel=3
+            f"{old_name} is renamed {name}; pass {name}={old_value} instead",
+            FutureWarning,
+            stacklevel=3,
         )
         if value is not None and value != old_value:
-            raise ValueError(f"{name}={value!r} and {old_name}={old_value!r} disagree; pass {name} alone")
+            raise ValueError(
+                f"{name}={value!r} and {old_name}={old_value!r} disagree; pass {name} alone"
+            )
         value = old_value
     if value is None:
         raise TypeError(f"missing the required argument {name}")
@@ -49,14 +53,21 @@ def renamed_count(name: str, value: int | None, old_name: str, old_value: int | 
 def check_momentum(momentum: object, allow_none: bool) -> float | None:
     if momentum is None and allow_none:
         return None
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
-        expected = "a float in [0, 1] or None (cumulative average)" if allow_none else "a float in [0, 1]"
+    if (
+        isinstance(momentum, bool)
+        or not isinstance(momentum, (int, float))
+        or not 0.0 <= momentum <= 1.0
+    ):
+        expected = (
+            "a float in [0, 1] or None (cumulative average)" if allow_none else "a float in [0, 1]"
+        )
         raise ValueError(f"momentum must be {expected}, got {momentum!r}")
     return float(momentum)
 
 
 class NormBase(nn.Module):
-    """Base of the layers: ``num_features``, ``eps``, ``affine``, the input layout, BatchNorm conversion.
+    """Base of the layers: ``num_features``, ``eps``, ``affine``, the input layout, BatchNorm
+    conversion.
 
     Every layer's forward is ``forward(x, context=...)``; layers without contexts ignore
     ``context``, so a model can call any norm the same way. ``device`` and ``dtype`` place the
@@ -106,15 +117,19 @@ class NormBase(nn.Module):
             nn.init.zeros_(self.bias)
 
     @classmethod
-    def from_batchnorm(cls: type[_Layer], bn: nn.modules.batchnorm._BatchNorm, *args: Any, **options: Any) -> _Layer:
-        """A layer of this class that starts from what ``bn`` learned (see :func:`contextnorm.convert`).
+    def from_batchnorm(
+        cls: type[_Layer], bn: nn.modules.batchnorm._BatchNorm, *args: Any, **options: Any
+    ) -> _Layer:
+        """A layer of this class that starts from what ``bn`` learned (see
+        :func:`contextnorm.convert`).
 
         Carries over ``eps``, ``momentum``, ``affine``, ``track_running_stats`` (where this
         class has them), the device, the dtype and the ``training`` flag.
         """
         if isinstance(bn, nn.modules.lazy.LazyModuleMixin) and bn.has_uninitialized_params():
             raise ValueError(
-                f"{bn.__class__.__name__} has not seen an input yet, so its number of features is unknown; "
+                f"{bn.__class__.__name__} has not seen an input yet, so its number of features is "
+                "unknown; "
                 "run one forward pass through the model before converting it"
             )
         accepted = inspect.signature(cls).parameters
@@ -188,8 +203,11 @@ class RunningStatsMixin:
     running_var: Tensor
     num_batches_tracked: Tensor
 
-    def _init_running_stats(self, groups: int, num_features: int, track: bool, count_per_group: bool = False) -> None:
-        """``count_per_group``: count batches per group (CN's contexts need not appear in every batch)."""
+    def _init_running_stats(
+        self, groups: int, num_features: int, track: bool, count_per_group: bool = False
+    ) -> None:
+        """``count_per_group``: count batches per group (CN's contexts need not appear in every
+        batch)."""
         self.track_running_stats = bool(track)
         if track:
             factory = self._factory  # type: ignore[attr-defined]
@@ -225,7 +243,12 @@ class RunningStatsMixin:
         momentum = self.momentum  # type: ignore[attr-defined]
         if momentum is not None:
             return momentum
-        return self.num_batches_tracked.clamp_min(1).to(self.running_mean.dtype).reciprocal().expand(present.shape)
+        return (
+            self.num_batches_tracked.clamp_min(1)
+            .to(self.running_mean.dtype)
+            .reciprocal()
+            .expand(present.shape)
+        )
 
 
 def active_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:

@@ -22,8 +22,11 @@ class _BatchOrRunningMixin(RunningStatsMixin):
     training: bool
     _pooled_moments: Any
 
-    def _batch_or_running(self, moments: F.Moments, weights: Tensor, positions: int) -> tuple[Tensor, Tensor]:
-        """Weighted batch statistics per group in training (updating the running ones), running ones in eval."""
+    def _batch_or_running(
+        self, moments: F.Moments, weights: Tensor, positions: int
+    ) -> tuple[Tensor, Tensor]:
+        """Weighted batch statistics per group in training (updating the running ones), running
+        ones in eval."""
         if not self.training and self.track_running_stats:
             return self.running_mean, self.running_var
         mean, var, count = self._pooled_moments(
@@ -32,7 +35,9 @@ class _BatchOrRunningMixin(RunningStatsMixin):
         if self.training and self.track_running_stats:
             present = count.sum() > 0
             momentum = self._running_momentum(present)
-            F.update_running_moments(self.running_mean, self.running_var, mean, var, count, momentum)
+            F.update_running_moments(
+                self.running_mean, self.running_var, mean, var, count, momentum
+            )
         return mean, var
 
 
@@ -89,13 +94,17 @@ class ModeNorm(_BatchOrRunningMixin, NormBase):
             gates = torch.softmax(self.gate(moments.mean.to(self.gate.weight.dtype)), dim=1)
             mean, var = self._batch_or_running(moments, gates.to(moments.mean.dtype), x3.shape[2])
             scale, shift = F.affine_coefficients(mean, var, self.eps, None, self.weight, self.bias)
-            return restore(F.apply_sample_affine(moments.values, gates @ scale, gates @ shift).to(x.dtype))
+            return restore(
+                F.apply_sample_affine(moments.values, gates @ scale, gates @ shift).to(x.dtype)
+            )
 
     def extra_repr(self) -> str:
-        return (f"{self.num_features}, num_contexts={self.num_contexts}, eps={self.eps}, "
-                f"momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}"
-                + (", channel_last=True" if self.channel_last else ""))
+        return (
+            f"{self.num_features}, num_contexts={self.num_contexts}, eps={self.eps}, "
+            f"momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}"
+            + (", channel_last=True" if self.channel_last else "")
+        )
 
 
 class SwitchNorm(_BatchOrRunningMixin, NormBase):
@@ -145,11 +154,22 @@ class SwitchNorm(_BatchOrRunningMixin, NormBase):
             batch_mean, batch_var = self._batch_or_running(moments, ones, x3.shape[2])
             mean_weights = torch.softmax(self.mean_logits, 0)
             var_weights = torch.softmax(self.var_logits, 0)
-            mean = mean_weights[0] * instance_mean + mean_weights[1] * layer_mean + mean_weights[2] * batch_mean
-            var = var_weights[0] * instance_var + var_weights[1] * layer_var + var_weights[2] * batch_var
+            mean = (
+                mean_weights[0] * instance_mean
+                + mean_weights[1] * layer_mean
+                + mean_weights[2] * batch_mean
+            )
+            var = (
+                var_weights[0] * instance_var
+                + var_weights[1] * layer_var
+                + var_weights[2] * batch_var
+            )
             scale, shift = F.affine_coefficients(mean, var, self.eps, None, self.weight, self.bias)
             return restore(F.apply_sample_affine(moments.values, scale, shift).to(x.dtype))
 
     def extra_repr(self) -> str:
-        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}" + (", channel_last=True" if self.channel_last else ""))
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}"
+            + (", channel_last=True" if self.channel_last else "")
+        )

@@ -77,7 +77,8 @@ class _ContextNormBase(NormBase):
         prior = torch.as_tensor(prior, dtype=torch.float32).flatten()
         if prior.shape != (self.num_contexts,):
             raise ValueError(
-                f"prior must hold one probability per context: shape ({self.num_contexts},), got {tuple(prior.shape)}"
+                f"prior must hold one probability per context: shape ({self.num_contexts},), got "
+                f"{tuple(prior.shape)}"
             )
         if not bool(torch.isfinite(prior).all()) or bool((prior <= 0).any()):
             raise ValueError("prior must be finite and positive for every context (lambda_k > 0)")
@@ -143,7 +144,9 @@ class _ContextNormBase(NormBase):
             values = x3 if moments is None else moments.values
             ids = assignment.known_ids
             if ids is not None:
-                y = F.context_affine(values, ids, mean, var, self.eps, self._gain(), self.weight, self.bias)
+                y = F.context_affine(
+                    values, ids, mean, var, self.eps, self._gain(), self.weight, self.bias
+                )
             else:
                 scale, shift = self._coefficients(mean, var, assignment, moments, x3.shape[2])
                 y = F.apply_sample_affine(values, scale, shift)
@@ -162,7 +165,8 @@ class _ContextNormBase(NormBase):
     def _batch_statistics(
         self, assignment: ContextAssignment, moments: F.Moments, positions: int
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Mean, biased variance (K, C) and count (K,) of each context's activations in the batch."""
+        """Mean, biased variance (K, C) and count (K,) of each context's activations in the
+        batch."""
         ids = assignment.known_ids
         return self._pooled_moments(
             moments.mean,
@@ -181,8 +185,11 @@ class _ContextNormBase(NormBase):
         moments: F.Moments | None,
         positions: int,
     ) -> tuple[Tensor, Tensor]:
-        """Per-sample ``(scale, shift)`` (N, C) for soft or partly unknown contexts: a mix of the table's rows."""
-        table_scale, table_shift = F.affine_coefficients(mean, var, self.eps, self._gain(), self.weight, self.bias)
+        """Per-sample ``(scale, shift)`` (N, C) for soft or partly unknown contexts: a mix of the
+        table's rows."""
+        table_scale, table_shift = F.affine_coefficients(
+            mean, var, self.eps, self._gain(), self.weight, self.bias
+        )
         weights = assignment.weights
         if assignment.unknown is not None:
             assert moments is not None
@@ -190,7 +197,8 @@ class _ContextNormBase(NormBase):
         return weights @ table_scale, weights @ table_shift
 
     def posterior(self, moments: F.Moments, positions: int, mean: Tensor, var: Tensor) -> Tensor:
-        """``p(k | x_n)`` (N, K) of each whole sample under the per-context Gaussians (``mean``, ``var``).
+        """``p(k | x_n)`` (N, K) of each whole sample under the per-context Gaussians (``mean``,
+        ``var``).
 
         A sample belongs to one context, as in training, so the evidence of all its
         activations is pooled; computed in log space (000 Eq. 6; 004 Eq. 13 without its
@@ -274,12 +282,23 @@ class ContextNorm(RunningStatsMixin, _ContextNormBase):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
-            num_features, num_contexts, eps, affine, prior, estimate_prior, prior_scaling, channel_last,
-            validate_context, device, dtype,
+            num_features,
+            num_contexts,
+            eps,
+            affine,
+            prior,
+            estimate_prior,
+            prior_scaling,
+            channel_last,
+            validate_context,
+            device,
+            dtype,
         )
         self.momentum = check_momentum(momentum, allow_none=True)
         self._init_affine((num_contexts, num_features))
-        self._init_running_stats(num_contexts, num_features, track_running_stats, count_per_group=True)
+        self._init_running_stats(
+            num_contexts, num_features, track_running_stats, count_per_group=True
+        )
 
     def reset_parameters(self) -> None:
         """Running statistics, affine parameters and an estimated prior back to their start."""
@@ -304,8 +323,10 @@ class ContextNorm(RunningStatsMixin, _ContextNormBase):
         checked = self.training and assignment.checked
         if checked and assignment.unknown is not None:
             raise ValueError(
-                "ContextNorm computes batch statistics per context and needs a known context for every "
-                "sample while training (got ids of -1 or context=None); unknown contexts are handled in "
+                "ContextNorm computes batch statistics per context and needs a known context for "
+                "every "
+                "sample while training (got ids of -1 or context=None); unknown contexts are "
+                "handled in "
                 "eval mode, or train with ContextNormX / ContextNormE"
             )
         mean, var, count = self._batch_statistics(assignment, moments, positions)
@@ -313,7 +334,9 @@ class ContextNorm(RunningStatsMixin, _ContextNormBase):
             self._check_singletons(assignment, count)
         if self.training and self.track_running_stats:
             momentum = self._running_momentum(count > 0)
-            F.update_running_moments(self.running_mean, self.running_var, mean, var, count, momentum)
+            F.update_running_moments(
+                self.running_mean, self.running_var, mean, var, count, momentum
+            )
         return mean, var, count
 
     def _check_singletons(self, assignment: ContextAssignment, count: Tensor) -> None:
@@ -330,8 +353,10 @@ class ContextNorm(RunningStatsMixin, _ContextNormBase):
         if singletons:
             raise ValueError(
                 f"context(s) {singletons} have a single value per channel in this training "
-                "batch, so their variance is undefined (BatchNorm raises for a batch of one likewise); use "
-                "larger batches, sample batches so that each present context has >= 2 samples, or use "
+                "batch, so their variance is undefined (BatchNorm raises for a batch of one "
+                "likewise); use "
+                "larger batches, sample batches so that each present context has >= 2 samples, or "
+                "use "
                 "ContextNormX"
             )
 
@@ -353,7 +378,8 @@ class _LearnedStatisticsBase(_ContextNormBase):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.data_init = bool(data_init)
         self.register_buffer(
-            "initialized", torch.zeros(self.num_contexts, dtype=torch.bool, device=self._factory["device"])
+            "initialized",
+            torch.zeros(self.num_contexts, dtype=torch.bool, device=self._factory["device"]),
         )
         self._init_pending = self.data_init
         self.register_load_state_dict_post_hook(lambda module, keys: module._refresh_init_pending())
@@ -384,18 +410,22 @@ class _LearnedStatisticsBase(_ContextNormBase):
         raise NotImplementedError
 
     def _initialize(self, mean: Tensor, std: Tensor, count: Tensor) -> None:
-        """Set the statistics of the contexts seen for the first time (count > 0) to ``mean``, ``std``."""
+        """Set the statistics of the contexts seen for the first time (count > 0) to ``mean``,
+        ``std``."""
         raise NotImplementedError
 
     def _load_batch_statistics(self, mean: Tensor, var: Tensor) -> None:
         count = torch.ones(self.num_contexts, device=mean.device)
         self.initialized.zero_()
         std = var.clamp_min(self.eps).sqrt()
-        self._initialize(mean.expand(self.num_contexts, -1), std.expand(self.num_contexts, -1), count)
+        self._initialize(
+            mean.expand(self.num_contexts, -1), std.expand(self.num_contexts, -1), count
+        )
         self._refresh_init_pending()
 
     def reset_parameters(self) -> None:
-        """Learned statistics, affine parameters and prior back to their start; data init re-armed."""
+        """Learned statistics, affine parameters and prior back to their start; data init
+        re-armed."""
         self._reset_statistics()
         self._reset_affine()
         self.reset_prior()
@@ -406,11 +436,13 @@ class _LearnedStatisticsBase(_ContextNormBase):
         raise NotImplementedError
 
     def reset_running_stats(self) -> None:
-        """CN-X and CN-E keep no running statistics: nothing to reset (as ``track_running_stats=False``)."""
+        """CN-X and CN-E keep no running statistics: nothing to reset (as
+        ``track_running_stats=False``)."""
 
 
 class ContextNormX(_LearnedStatisticsBase):
-    r"""CN-X: per-context statistics learned by backpropagation (002 §III-C; ACN in 000; SCB-Norm in 004).
+    r"""CN-X: per-context statistics learned by backpropagation (002 §III-C; ACN in 000; SCB-Norm
+    in 004).
 
     ``mu_k`` and ``sigma_k`` (K, C) are parameters, ``sigma_k = softplus(raw_std_k)``;
     there are no batch statistics, so training and inference compute the same function and
@@ -443,11 +475,23 @@ class ContextNormX(_LearnedStatisticsBase):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
-            num_features, num_contexts, eps, affine, prior, estimate_prior, prior_scaling, channel_last,
-            validate_context, device, dtype, data_init=data_init,
+            num_features,
+            num_contexts,
+            eps,
+            affine,
+            prior,
+            estimate_prior,
+            prior_scaling,
+            channel_last,
+            validate_context,
+            device,
+            dtype,
+            data_init=data_init,
         )
         self.mean = nn.Parameter(torch.zeros(num_contexts, num_features, **self._factory))
-        self.raw_std = nn.Parameter(torch.full((num_contexts, num_features), _SOFTPLUS_OF_ONE, **self._factory))
+        self.raw_std = nn.Parameter(
+            torch.full((num_contexts, num_features), _SOFTPLUS_OF_ONE, **self._factory)
+        )
         self._init_affine((num_contexts, num_features))
 
     @property
@@ -462,7 +506,9 @@ class ContextNormX(_LearnedStatisticsBase):
         with torch.no_grad():
             new = ((count > 0) & ~self.initialized).unsqueeze(1)
             self.mean.copy_(torch.where(new, mean.to(self.mean), self.mean))
-            self.raw_std.copy_(torch.where(new, inverse_softplus(std.to(self.raw_std)), self.raw_std))
+            self.raw_std.copy_(
+                torch.where(new, inverse_softplus(std.to(self.raw_std)), self.raw_std)
+            )
             self.initialized.logical_or_(new.squeeze(1))
 
     def _learned_statistics(self) -> tuple[Tensor, Tensor]:
@@ -474,7 +520,8 @@ class ContextNormX(_LearnedStatisticsBase):
 
 
 class ContextNormE(_LearnedStatisticsBase):
-    r"""CN-E: statistics from a learned map of the context's encoding (000 §4 ACN-base; 004 SCB-Norm-base).
+    r"""CN-E: statistics from a learned map of the context's encoding (000 §4 ACN-base; 004
+    SCB-Norm-base).
 
     ``mu = f_mu(e)``, ``sigma = softplus(f_sigma(e))`` with ``e`` the one-hot encoding of
     the context id, or any soft assignment (N, K) given as ``context`` (encoded as it is,
@@ -506,10 +553,22 @@ class ContextNormE(_LearnedStatisticsBase):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
-            num_features, num_contexts, eps, affine, prior, estimate_prior, prior_scaling, channel_last,
-            validate_context, device, dtype, data_init=data_init,
+            num_features,
+            num_contexts,
+            eps,
+            affine,
+            prior,
+            estimate_prior,
+            prior_scaling,
+            channel_last,
+            validate_context,
+            device,
+            dtype,
+            data_init=data_init,
         )
-        self.hidden_features = None if hidden_features is None else check_count("hidden_features", hidden_features)
+        self.hidden_features = (
+            None if hidden_features is None else check_count("hidden_features", hidden_features)
+        )
         self.mean_encoder = self._encoder()
         self.std_encoder = self._encoder()
         self._init_affine((num_features,))
@@ -553,7 +612,10 @@ class ContextNormE(_LearnedStatisticsBase):
             share = (count / count.sum().clamp_min(1.0)).unsqueeze(1)
             overall_mean = (share * mean).sum(0)
             overall_var = (share * (std * std + (mean - overall_mean) ** 2)).sum(0)
-            targets = ((self.mean_encoder, overall_mean), (self.std_encoder, inverse_softplus(overall_var.sqrt())))
+            targets = (
+                (self.mean_encoder, overall_mean),
+                (self.std_encoder, inverse_softplus(overall_var.sqrt())),
+            )
             for encoder, target in targets:
                 bias = self._output_layer(encoder).bias
                 bias.copy_(torch.where(new, target.to(bias), bias))
@@ -592,7 +654,9 @@ class ContextNormE(_LearnedStatisticsBase):
         sample_mean, sample_var = self.encode(assignment.weights)
         gain = self._gain()
         sample_gain = None if gain is None else assignment.weights @ gain
-        return F.affine_coefficients(sample_mean, sample_var, self.eps, sample_gain, self.weight, self.bias)
+        return F.affine_coefficients(
+            sample_mean, sample_var, self.eps, sample_gain, self.weight, self.bias
+        )
 
     def _extra_repr_parts(self) -> list[str]:
         parts = [] if self.hidden_features is None else [f"hidden_features={self.hidden_features}"]

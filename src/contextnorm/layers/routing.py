@@ -67,7 +67,9 @@ class _Scope:
     replay: bool = False
 
 
-_ACTIVE: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar("contextnorm_context", default=None)
+_ACTIVE: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
+    "contextnorm_context", default=None
+)
 # The scopes opened inside a program being traced by torch.compile (a single-threaded trace:
 # entries are pushed and popped within it, so it is empty outside one).
 _TRACED: list[_Scope] = []
@@ -128,20 +130,26 @@ def current_context(explicit: Any, layer: nn.Module) -> tuple[Any, bool]:
         description = f"{layer.__class__.__name__}({layer.extra_repr()})"
         if recomputing:
             raise RuntimeError(
-                f"{description} is being recomputed in the backward pass (activation checkpointing), "
-                "where the forward's context scope is gone. Checkpoint with contextnorm.checkpoint(...), "
+                f"{description} is being recomputed in the backward pass (activation "
+                "checkpointing), "
+                "where the forward's context scope is gone. Checkpoint with "
+                "contextnorm.checkpoint(...), "
                 "which takes the arguments of torch.utils.checkpoint.checkpoint and replays the "
                 "forward's contexts, or pass the context to the layer explicitly."
             )
         raise RuntimeError(
-            f"{description} ran without a context. Call it as layer(x, context), or run the model inside "
-            "`with contextnorm.use_context(context):` (or through contextnorm.ContextualModel); for an "
+            f"{description} ran without a context. Call it as layer(x, context), or run the model "
+            "inside "
+            "`with contextnorm.use_context(context):` (or through contextnorm.ContextualModel); "
+            "for an "
             "unknown context pass None or ids of -1."
         )
     return scope.context, False
 
 
-def checkpoint(function: Callable[..., Any], *args: Any, use_reentrant: bool = False, **kwargs: Any) -> Any:
+def checkpoint(
+    function: Callable[..., Any], *args: Any, use_reentrant: bool = False, **kwargs: Any
+) -> Any:
     """:func:`torch.utils.checkpoint.checkpoint` that recomputes with the forward's contexts.
 
     The recomputation runs in the backward pass, outside any ``use_context`` block (and, on
@@ -216,7 +224,9 @@ def convert(
                 setattr(parent, name, _replacement(child, layer, num_contexts, options))
                 replaced += 1
     if replaced == 0:
-        raise ValueError(f"convert found no BatchNorm layer in {model.__class__.__name__}: nothing to replace")
+        raise ValueError(
+            f"convert found no BatchNorm layer in {model.__class__.__name__}: nothing to replace"
+        )
     return model
 
 
