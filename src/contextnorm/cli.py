@@ -6,6 +6,7 @@
     contextnorm demo [key=value ...]         the demo: seven normalizations on two-domain digits
     contextnorm list                         tasks, methods, data sets, models, contexts, configs
     contextnorm report RESULTS_DIR           rewrite tables and figures from saved results
+    contextnorm replicate [NAME ...]         run the reduced replications, write their page
     contextnorm cache [--clear]              the decoded-image cache: where, how big; empty it
 
 Exit status: 0 on success, 2 for a mistake in the command or config (the message names the key
@@ -86,6 +87,30 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("results_dir", help="the output folder of an experiment")
     report.set_defaults(handler=_report)
 
+    replicate = commands.add_parser(
+        "replicate",
+        help="run every reduced replication of the papers (or those named) and write the page "
+        "that sets them beside the published numbers",
+    )
+    replicate.add_argument(
+        "names", nargs="*", metavar="NAME", help="replications to run (default: all of the plan)"
+    )
+    replicate.add_argument(
+        "--results", default="results", help="folder of the results folders (default: results)"
+    )
+    replicate.add_argument(
+        "--page",
+        default="docs/replications.md",
+        help="the page to write (default: docs/replications.md)",
+    )
+    replicate.add_argument(
+        "--page-only", action="store_true", help="write the page from saved results; run nothing"
+    )
+    replicate.add_argument(
+        "--plan", default=None, help="a plan file of the shipped plan's form (default: shipped)"
+    )
+    replicate.set_defaults(handler=_replicate)
+
     cache = commands.add_parser(
         "cache",
         help="the decoded-image cache: where it is, its size and limit ($CONTEXTNORM_CACHE_GB)",
@@ -119,6 +144,24 @@ def _report(arguments: argparse.Namespace) -> int:
     markdown = write_report(arguments.results_dir)
     print(headline_table(load_results(arguments.results_dir)))
     print(f"\nWrote {markdown} and the figures next to it.")
+    return 0
+
+
+def _replicate(arguments: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from contextnorm.io import atomic_write_text
+    from contextnorm.runner.replications import load_plan, render_page, run_replications
+
+    plan = load_plan(arguments.plan)
+    entries = plan.select(arguments.names)
+    results_root = Path(arguments.results)
+    if not arguments.page_only:
+        run_replications(entries, results_root, echo=lambda line: print(line, flush=True))
+    page = Path(arguments.page)
+    page.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(page, render_page(plan, results_root, page))
+    print(f"Wrote {page}.")
     return 0
 
 
