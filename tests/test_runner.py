@@ -138,7 +138,10 @@ def test_a_rerun_with_some_of_the_methods_keeps_the_others_in_the_tables(tmp_pat
     run_experiment(tiny_config(tmp_path, "methods=[cn]", "train.progress=run"), echo=lines.append)
     assert any("reused" in line for line in lines)
     assert methods_in_folder(results_dir) == ["cn", "bn"]
-    assert "| bn | 1 |" in (results_dir / "results.md").read_text(encoding="utf-8")
+    table = (results_dir / "results.md").read_text(encoding="utf-8")
+    assert "| bn | 1 |" in table
+    # The folder keeps its baseline: cn, the first method of this run, is compared with bn.
+    assert "Δ vs bn" in table and "Δ vs cn" not in table
 
     run_experiment(tiny_config(tmp_path, "methods=[cne]", "report.baseline=cne"))
     assert methods_in_folder(results_dir) == ["cne", "cn", "bn"]

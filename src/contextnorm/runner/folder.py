@@ -256,9 +256,13 @@ def merge_with_folder(config: ExperimentConfig) -> tuple[ExperimentConfig, list[
             "output_dir."
         ]
     seeds = [*config.train.seeds, *(s for s in stored.train.seeds if s not in config.train.seeds)]
+    # The folder keeps its baseline unless this config names one: a run of a few methods
+    # (whose first would be the default baseline) must not change what the others compare with.
+    baseline = config.report.baseline or stored.baseline
     merged = dataclasses.replace(
         config,
         methods=[*config.methods, *earlier],
         train=dataclasses.replace(config.train, seeds=seeds),
+        report=dataclasses.replace(config.report, baseline=baseline),
     )
     return merged, []
