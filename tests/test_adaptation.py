@@ -152,6 +152,10 @@ def test_a_run_end_to_end_reports_every_view_and_the_gradient_variance(tmp_path)
         assert len(method.finished()) == 2
     record = context.finished()[0]
     assert set(record.test) == set(VIEWS)
+    # The norms' train/eval gap on a step's worth (two views of 8 source and 16 target images)
+    # of validation images, here all of them: 10 % of 96 source and of 200 target images.
+    assert record.train_eval_gap["samples"] == min(2 * 8, 10) + min(2 * 16, 20)
+    assert record.train_eval_gap["max"] >= record.train_eval_gap["median"] > 0
     metrics = record.test["target"]
     assert {"accuracy", "precision", "recall", "f1", "weighted_precision", "weighted_f1"} <= set(
         metrics

@@ -108,7 +108,8 @@ def test_run_then_report_from_saved_results(tmp_path, capsys) -> None:
     assert main(["run", str(config_file), f"output_dir={results_dir}"]) == 0
     output = capsys.readouterr().out
     assert "[1/1] bn" in output
-    assert "| method | seeds | accuracy, stored domain | Δ vs bn | s/epoch |" in output
+    header = "| method | seeds | accuracy, stored domain | Δ vs bn | train/eval gap, median (max) |"
+    assert header + " s/epoch |" in output
 
     for name in ("results.md", "curves.png"):
         (results_dir / name).unlink()
@@ -160,7 +161,8 @@ def test_the_readme_walkthrough_from_images_and_a_spreadsheet_to_a_table(
     ]
     assert main(["run", "my-images.yaml", *quick]) == 0
     output = capsys.readouterr().out
-    assert "| method | seeds | accuracy, stored domain | Δ vs bn | s/epoch |" in output
+    header = "| method | seeds | accuracy, stored domain | Δ vs bn | train/eval gap, median (max) |"
+    assert header + " s/epoch |" in output
     for label in ("bn", "cn", "cnx", "cne", "cn-random"):
         assert f"| {label} | 1 |" in output
     results = Path("runs/my-images/results.md").read_text(encoding="utf-8")

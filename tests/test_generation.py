@@ -603,4 +603,8 @@ def test_early_stopping_when_asked_counts_the_epochs_that_measured_the_fid(tmp_p
     (method,) = load_results(run_experiment(config)).methods
     (record,) = method.finished()
     assert [("val/fid" in epoch) for epoch in record.history] == [False, True, False, True]
+    # The train/eval gap is the generator's: every measured layer lies in it.
+    assert record.train_eval_gap["layers"]
+    assert all(name.startswith("model.") for name in record.train_eval_gap["layers"])
+    assert record.train_eval_gap["samples"] == config.train.batch_size
     assert record.best["epoch"] in (2, 4)

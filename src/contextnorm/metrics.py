@@ -23,6 +23,24 @@ EpochRecord = dict[str, float]
 CONFIDENCE = 0.95
 """Coverage of the intervals of paired differences."""
 
+MIXTURE_COMPONENTS = "components"
+"""A mixture layer's components in use: ``exp`` of the entropy of its weights, 1 to K."""
+MIXTURE_ENTROPY = "entropy"
+"""A mixture layer's mean posterior entropy of a position, in nats, 0 to log K."""
+MIXTURE_VARIANCE_RATIO = "min_variance_ratio"
+"""A mixture layer's smallest component variance over its mixture's variance."""
+
+
+def mixture_layer_key(layer: str, quantity: str) -> str:
+    """The epoch-record key of one mixture layer's value: ``mixture/<layer>/<quantity>``."""
+    return f"mixture/{layer}/{quantity}"
+
+
+def mixture_summary_key(quantity: str, statistic: str) -> str:
+    """The epoch-record key of a summary over a model's mixture layers, e.g.
+    ``mixture/components/median``."""
+    return f"mixture/{quantity}/{statistic}"
+
 
 @dataclass(frozen=True)
 class MetricSpec:

@@ -9,6 +9,8 @@ runner does the rest once for all of them.
   and the callbacks of exact resume, divergence and interrupts.
 * :mod:`~contextnorm.runner.fingerprint`: a run's settings, derived from the config schema.
 * :mod:`~contextnorm.runner.activations`: activations of a tested layer, for the figures.
+* :mod:`~contextnorm.runner.diagnostics`: the mixture layers' usage per epoch and the norm
+  layers' train/eval gap at the end of every run.
 * :mod:`~contextnorm.runner.progress`: the live bar, or plain lines.
 * :mod:`~contextnorm.runner.folder`, :mod:`~contextnorm.runner.report`,
   :mod:`~contextnorm.runner.plots`: the results folder, its tables and figures (these need

@@ -80,6 +80,13 @@ class RunRecord:
         best: the best epoch by the task's selection metric: ``metric``, ``mode``, ``value``,
             ``epoch`` (from 1).
         test: view -> metric -> value.
+        mixture: each mixture layer's name, weights and usage at the end of training, in
+            forward order (``None`` without mixture layers); see
+            :func:`contextnorm.runner.diagnostics.final_mixtures`.
+        train_eval_gap: the norm layers' train/eval gap on a held-out batch after training,
+            per layer and its median and maximum over layers (``None``: not measured, e.g. a
+            result of an earlier version); see
+            :func:`contextnorm.runner.diagnostics.measure_train_eval_gap`.
     """
 
     method: str
@@ -98,6 +105,8 @@ class RunRecord:
     history: list[EpochRecord] = field(default_factory=list)
     best: dict[str, Any] | None = None
     test: dict[str, dict[str, float]] = field(default_factory=dict)
+    mixture: list[dict[str, Any]] | None = None
+    train_eval_gap: dict[str, Any] | None = None
 
     @property
     def finished(self) -> bool:
@@ -137,6 +146,17 @@ class MethodResults:
     def summary(self, view: str, metric: str) -> Summary:
         """Mean and std over seeds of a test metric in one view."""
         return summarize(list(self.values(view, metric).values()))
+
+    def train_eval_gap(self, statistic: str) -> Summary:
+        """Mean and std over the finished seeds that measured it of the train/eval gap's
+        ``median`` or ``max`` over layers (no value: results of an earlier version)."""
+        return summarize(
+            [
+                float(record.train_eval_gap[statistic])
+                for record in self.finished()
+                if record.train_eval_gap is not None
+            ]
+        )
 
     def time_per_epoch(self) -> Summary:
         """Mean and std over seeds of the seconds per epoch."""

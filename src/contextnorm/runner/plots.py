@@ -24,7 +24,16 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from contextnorm.io import atomic_write
-from contextnorm.metrics import Difference, EpochRecord, MetricSpec, Summary, summarize
+from contextnorm.metrics import (
+    MIXTURE_COMPONENTS,
+    MIXTURE_ENTROPY,
+    Difference,
+    EpochRecord,
+    MetricSpec,
+    Summary,
+    mixture_summary_key,
+    summarize,
+)
 from contextnorm.runner.activations import ActivationSample
 
 PANEL_SIZE = (4.2, 3.2)
@@ -423,4 +432,105 @@ def plot_run_images(
         axis.set_yticks([])
     if title:
         figure.suptitle(textwrap.fill(title, TITLE_WIDTH * min(3, len(images))), fontsize="medium")
+    return _save(figure, path)
+
+
+def plot_mixture_usage(
+    histories: Mapping[str, Sequence[Sequence[EpochRecord]]],
+    components: Mapping[str, int],
+    weights: Mapping[str, tuple[int, Mapping[str, Sequence[float]]]],
+    path: str | Path,
+) -> Path:
+    """How the mixture layers use their K components over training, and their final weights.
+
+    Top: per epoch, the components in use (``exp`` of the entropy of a layer's mixture
+    weights, 1 to K) and the posterior entropy of a position (0 to log K nats), the median over
+    a model's mixture layers (solid: mean over seeds, band ±1 sample std, clipped to the range)
+    and the minimum over its layers (dashed: mean over seeds). Below: one panel per method with
+    each layer's final mixture weights, stacked (one run).
+
+    Args:
+        histories: method -> one per-epoch history per seed (keys of
+            :func:`~contextnorm.metrics.mixture_summary_key`).
+        components: method -> K, the components of its mixture layers.
+        weights: method -> (the seed shown, layer name -> its final weights, in forward order).
+        path: the PNG file to write.
+    """
+    largest = max(components.values())
+    quantities = [
+        (MIXTURE_COMPONENTS, "components in use", 1.0, float, largest),
+        (MIXTURE_ENTROPY, "posterior entropy (nats)", 0.0, math.log, math.log(largest)),
+    ]
+    columns = 2
+    rows = 1 + math.ceil(len(weights) / columns)
+    figure = Figure(
+        figsize=(PANEL_SIZE[0] * 1.3 * columns, PANEL_SIZE[1] * rows), layout="constrained"
+    )
+    FigureCanvasAgg(figure)
+    grid = figure.add_gridspec(rows, columns)
+    colours = {method: f"C{index % 10}" for index, method in enumerate(histories)}
+    counts = []
+    for column, (quantity, title, lower, bound, top) in enumerate(quantities):
+        axis = figure.add_subplot(grid[0, column])
+        for method, runs in histories.items():
+            upper = bound(components[method])
+            epochs, medians = _per_epoch(runs, mixture_summary_key(quantity, "median"))
+            if not epochs:
+                continue
+            counts.append(len(runs))
+            mean = np.array([summary.mean for summary in medians])
+            spread = np.nan_to_num(np.array([summary.std for summary in medians]))
+            colour = colours[method]
+            axis.plot(epochs, mean, "-", marker="o", markersize=3, color=colour, label=method)
+            axis.fill_between(
+                epochs,
+                np.clip(mean - spread, lower, upper),
+                np.clip(mean + spread, lower, upper),
+                color=colour,
+                alpha=0.2,
+            )
+            low_epochs, minima = _per_epoch(runs, mixture_summary_key(quantity, "min"))
+            axis.plot(low_epochs, [summary.mean for summary in minima], "--", color=colour)
+        pad = 0.04 * (top - lower)
+        axis.set_ylim(lower - pad, top + pad)
+        axis.set_title(f"{title}, over mixture layers", fontsize="medium")
+        axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.grid(alpha=0.3)
+    # Below the panels: inside, the legend would hide the curves near the bounds.
+    handles = [
+        Line2D([], [], color=colours[method], marker="o", markersize=3) for method in histories
+    ]
+    handles += [Line2D([], [], color="0.3", linestyle=style) for style in ("-", "--")]
+    labels = [*histories, "median over layers", "min over layers"]
+    figure.legend(handles, labels, loc="outside lower center", ncols=min(6, len(labels)))
+    for position, (method, (seed, layers)) in enumerate(weights.items()):
+        axis = figure.add_subplot(grid[1 + position // columns, position % columns])
+        shares = np.array(
+            [np.asarray(w, dtype=float) / max(sum(w), 1e-30) for w in layers.values()]
+        )
+        positions = np.arange(1, len(shares) + 1)
+        bottom = np.zeros(len(shares))
+        for component in range(shares.shape[1]):
+            axis.bar(
+                positions,
+                shares[:, component],
+                bottom=bottom,
+                width=0.85,
+                color=f"C{component % 10}",
+                alpha=0.75,
+                label=f"component {component + 1}",
+            )
+            bottom += shares[:, component]
+        axis.set_ylim(0.0, 1.0)
+        axis.set_xlabel("mixture layer (forward order)")
+        axis.set_ylabel("mixture weight")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.set_title(f"{method} (seed {seed}): final weights per layer", fontsize="medium")
+        axis.legend(fontsize="x-small", loc="lower right")
+    figure.suptitle(
+        "Mixture layers' use of their components (running averages over training batches); "
+        f"mean over seeds, band: ± sample std ({_seed_counts(counts)} per method)",
+        fontsize="medium",
+    )
     return _save(figure, path)

@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from contextnorm.io import atomic_write_text
-from contextnorm.metrics import CONFIDENCE, Difference, MetricSpec, paired_difference, summarize
+from contextnorm.metrics import (
+    CONFIDENCE,
+    Difference,
+    EpochRecord,
+    MetricSpec,
+    paired_difference,
+    summarize,
+)
 from contextnorm.runner.activations import ActivationSample
 from contextnorm.runner.folder import (
     ACTIVATIONS_FILE,
@@ -31,6 +38,9 @@ from contextnorm.runner.folder import (
     load_results,
     run_directory,
 )
+
+GAP_TITLE = "train/eval gap, median (max)"
+GAP_STATISTICS = ("median", "max")
 
 
 def write_report(results_dir: str | Path, *, figures: bool = True) -> Path:
@@ -79,13 +89,14 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def headline_table(results: ExperimentResults) -> str:
-    """The headline metric per method in every view, its difference to the baseline, s/epoch."""
+    """The headline metric per method in every view, its difference to the baseline, the
+    train/eval gap of the norm layers, s/epoch."""
     spec = results.spec.headline
     baseline = results.config.baseline
     header = ["method", "seeds"]
     for view in results.views:
         header += [f"{spec.title}, {results.spec.views[view].title}", f"Δ vs {baseline}"]
-    header.append("s/epoch")
+    header += [GAP_TITLE, "s/epoch"]
     rows = []
     for method in results.present():
         row = [method.label, _seeds(method)]
@@ -94,9 +105,19 @@ def headline_table(results: ExperimentResults) -> str:
                 spec.format(method.summary(view, spec.key)),
                 _difference_cell(results, method, view, spec),
             ]
-        row.append(method.time_per_epoch().format(digits=2))
+        row += [_gap_cell(method), method.time_per_epoch().format(digits=2)]
         rows.append(row)
     return _table(header, rows)
+
+
+def _gap_cell(method: MethodResults) -> str:
+    """``median (max)`` of the runs' train/eval gaps, each a mean over the seeds that measured
+    it; ``n/a`` when none did (results of an earlier version, or no layer with running
+    estimates)."""
+    median, largest = method.train_eval_gap("median"), method.train_eval_gap("max")
+    if not median.count:
+        return "n/a"
+    return f"{median.mean:.3g} ({largest.mean:.3g})"
 
 
 def render_markdown(results: ExperimentResults, figures: Sequence[Path] = ()) -> str:
@@ -114,6 +135,11 @@ def render_markdown(results: ExperimentResults, figures: Sequence[Path] = ()) ->
         f"finished, with its {100 * CONFIDENCE:.0f} % interval (Student's t over seeds, n - 1 "
         "degrees of freedom); * marks an interval that excludes 0, a difference these runs "
         "support. With one seed there is no interval.",
+        f"- {GAP_TITLE}: after training, each norm layer with running estimates normalises one "
+        "held-out batch of training-batch size in eval mode and, as a copy, in training mode "
+        "(on the input eval mode gave it); its gap is mean |y_train - y_eval| / mean |y_eval|. "
+        "The median and the max over the model's layers, each averaged over the seeds; n/a: "
+        "not measured (a result of an earlier version, or no layer with running estimates).",
         "",
         "Test views (what the model is given at test time):",
         "",
@@ -161,7 +187,9 @@ def render_markdown(results: ExperimentResults, figures: Sequence[Path] = ()) ->
 def render_csv(results: ExperimentResults) -> str:
     """The text of ``results.csv``: a row per method.
 
-    Columns: ``seeds`` (finished), ``diverged``, mean epochs, seconds per epoch, then for each
+    Columns: ``seeds`` (finished), ``diverged``, mean epochs, seconds per epoch, the train/eval
+    gap's median and max over layers (``train_eval_gap_<median|max>_<mean|std>`` over seeds,
+    empty when not measured), then for each
     view and metric ``<view>_<metric>_mean``, ``_std`` and the paired difference to the
     baseline, ``_diff``, ``_diff_low``, ``_diff_high`` (its interval), ``_diff_seeds``.
     """
@@ -174,6 +202,11 @@ def render_csv(results: ExperimentResults) -> str:
         "epochs",
         "time_per_epoch_s_mean",
         "time_per_epoch_s_std",
+        *(
+            f"train_eval_gap_{statistic}_{part}"
+            for statistic in GAP_STATISTICS
+            for part in ("mean", "std")
+        ),
     ]
     parts = ("mean", "std", "diff", "diff_low", "diff_high", "diff_seeds")
     header += [
@@ -197,6 +230,9 @@ def render_csv(results: ExperimentResults) -> str:
             time.mean,
             time.std,
         ]
+        for statistic in GAP_STATISTICS:
+            gap = method.train_eval_gap(statistic)
+            row += [gap.mean, gap.std] if gap.count else ["", ""]
         for view in results.views:
             for metric in spec.metrics:
                 summary = method.summary(view, metric.key)
@@ -220,6 +256,7 @@ def draw_figures(results: ExperimentResults) -> list[Path]:
         plot_curves,
         plot_feature_projection,
         plot_metric_summary,
+        plot_mixture_usage,
         plot_run_images,
     )
 
@@ -259,6 +296,9 @@ def draw_figures(results: ExperimentResults) -> list[Path]:
                 folder / f"test_{headline.key}.png",
             )
         )
+    usage = _mixture_usage(results)
+    if usage is not None:
+        written.append(plot_mixture_usage(*usage, folder / "mixture_usage.png"))
     samples = _activation_samples(results)
     if samples:
         written.append(
@@ -299,3 +339,25 @@ def _activation_samples(results: ExperimentResults) -> dict[str, ActivationSampl
                 samples[method.label] = sample
                 break
     return samples
+
+
+def _mixture_usage(
+    results: ExperimentResults,
+) -> tuple[dict[str, list[list[EpochRecord]]], dict[str, int], dict[str, tuple[int, dict]]] | None:
+    """The arguments of :func:`~contextnorm.runner.plots.plot_mixture_usage`, for the methods
+    whose finished runs recorded mixture layers (``None`` when no method did)."""
+    histories, components, weights = {}, {}, {}
+    for method in results.finished():
+        measured = [record for record in method.finished() if record.mixture]
+        if not measured:
+            continue
+        first = measured[0]
+        histories[method.label] = [record.history for record in measured]
+        components[method.label] = max(len(layer["weights"]) for layer in first.mixture)
+        weights[method.label] = (
+            first.seed,
+            {layer["layer"]: layer["weights"] for layer in first.mixture},
+        )
+    if not histories:
+        return None
+    return histories, components, weights

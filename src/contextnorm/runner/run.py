@@ -21,6 +21,7 @@ from contextnorm.io import atomic_write_json
 from contextnorm.metrics import EpochRecord
 from contextnorm.runner.activations import ActivationSample, capture_activations
 from contextnorm.runner.callbacks import EpochHistory, InterruptWatch
+from contextnorm.runner.diagnostics import MixtureUsage, final_mixtures, measure_train_eval_gap
 from contextnorm.runner.fingerprint import Settings, differences, run_settings
 from contextnorm.runner.folder import (
     ACTIVATIONS_FILE,
@@ -137,7 +138,12 @@ def run_single(task: Task, index: int, seed: int, progress: Progress) -> RunOutc
             seed=seed,
             selection=task.selection,
             history=history,
-            callbacks=[*task.callbacks(index), interrupts, *progress.callbacks(title, shown)],
+            callbacks=[
+                *task.callbacks(index),
+                MixtureUsage(),
+                interrupts,
+                *progress.callbacks(title, shown),
+            ],
             progress_bar=progress.mode == "bar",
             partial_losses=not module.automatic_optimization,
         )
@@ -162,6 +168,10 @@ def run_single(task: Task, index: int, seed: int, progress: Progress) -> RunOutc
             raise Interrupted(run_dir, len(history.records)) from None
     _complete(record, history, task.selection)
     if is_main_process():
+        if record.finished:
+            # Before the record is saved: a run whose result exists is reused as it is.
+            record.mixture = final_mixtures(module)
+            record.train_eval_gap = measure_train_eval_gap(task, index, module, seed)
         record.save(run_dir)
         if record.finished:
             if wants_activations:

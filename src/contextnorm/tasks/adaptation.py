@@ -440,6 +440,23 @@ class AdaptationTask(Task):
         tested = tested_views(trainer, module, datamodule)
         return {view: tested.get(view, tested["target"]) for view in VIEWS}
 
+    def held_out_batch(
+        self, index: int, module: TaskModule, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Source then target validation images, as many of each as a training step's norms
+        normalise (two views of ``batch_size`` source and ``uratio * batch_size`` target
+        images), with the method's contexts."""
+        assert isinstance(module, AdaMatchModule)
+        images, contexts = [], []
+        splits = (self.contexts[index].val, self.contexts[index].val_target)
+        shares = (module.source_batch_size, module.target_batch_size)
+        for split, share in zip(splits, shares, strict=True):
+            chosen = split.choose(2 * share, seed)
+            images.append(split.data.images[chosen])
+            contexts.append(split.contexts[chosen])
+        batch = module.preprocess(torch.cat(images).to(module.device), augment=False)
+        return batch, torch.cat(contexts).to(module.device)
+
     def probe(self, index: int, module: TaskModule, count: int, seed: int) -> Probe:
         """Half the samples from the source test images, half from the target's, each run with
         its own context (the 'true domain id' view) and drawn in its domain."""

@@ -101,12 +101,14 @@ class Task(ABC):
           in a step, marks the run diverged at that epoch, and the experiment goes on.
        b. :meth:`datamodule`: the data module whose batches the module's steps read.
        c. The runner fits (``Trainer.fit``), resuming from the run's checkpoint if it has one,
-          with the task's :meth:`callbacks` before its own.
+          with the task's :meth:`callbacks` before its own (which log, every epoch, how the
+          mixture layers of any network in the module use their components).
        d. :meth:`evaluate`: tests the trained module; returns ``{view: {metric: value}}`` with
           the views and metric keys of :meth:`describe`.
-       e. :meth:`probe`, for the first seed when figures are on: runs the module on held-out
+       e. :meth:`held_out_batch`: the batch the norm layers' train/eval gap is measured on.
+       f. :meth:`probe`, for the first seed when figures are on: runs the module on held-out
           samples while the runner records a tested layer's input and output.
-       f. :meth:`save_artifacts`: extra files of the run (e.g. generated images), if any.
+       g. :meth:`save_artifacts`: extra files of the run (e.g. generated images), if any.
 
     Under several devices (DDP), the steps run on every process, the norm layers compute their
     batch statistics over all processes, and metrics are reduced over processes (torchmetrics
@@ -189,6 +191,20 @@ class Task(ABC):
         activation histograms and feature projections.
         """
         raise NotImplementedError(f"{type(self).__name__} does not record activations")
+
+    def held_out_batch(
+        self, index: int, module: TaskModule, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One batch of held-out inputs, chosen with ``seed``, as ``module(inputs, contexts)``
+        takes them (on the module's device): the inputs the runner measures the norm layers'
+        train/eval gap on (:func:`contextnorm.layers.diagnostics.train_eval_gap`).
+
+        Held-out means validation samples, else test samples (a generator's fresh latents);
+        the batch holds as many samples as the norm layers normalise together in a training
+        step, since their training-mode output depends on it. ``None`` (the default): the task
+        has no such batch, and no gap is measured.
+        """
+        return None
 
     def callbacks(self, index: int) -> list[L.Callback]:
         """Lightning callbacks of a run of method ``index`` besides the runner's (none by

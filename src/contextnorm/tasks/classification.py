@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -465,12 +464,21 @@ class ClassificationTask(Task):
         tested = tested_views(trainer, module, datamodule)
         return {view: tested.get(view, tested[module.test_views[0]]) for view in self.views}
 
+    def held_out_batch(
+        self, index: int, module: TaskModule, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training batch's worth of validation images (the test images when
+        ``data.val_fraction`` is 0), with the method's contexts."""
+        assert isinstance(module, ClassificationModule)
+        split = self.contexts[index].val
+        chosen = split.choose(self.config.train.batch_size, seed)
+        images = module.preprocess(split.data.images[chosen].to(module.device), augment=False)
+        return images, split.contexts[chosen].to(module.device)
+
     def probe(self, index: int, module: TaskModule, count: int, seed: int) -> Probe:
         assert isinstance(module, ClassificationModule)
         split = next(iter(self.contexts[index].test.values()))
-        chosen = torch.from_numpy(
-            np.sort(np.random.default_rng(seed).permutation(len(split.data))[:count])
-        )
+        chosen = split.choose(count, seed)
         images = module.preprocess(split.data.images[chosen].to(module.device), augment=False)
         contexts = split.contexts[chosen]
         module(images, contexts.to(module.device))

@@ -56,6 +56,12 @@ class ContextSplit:
         """The split as a dataset of (image, label, context) triples."""
         return TensorDataset(self.data.images, self.data.labels, self.contexts)
 
+    def choose(self, count: int, seed: int) -> torch.Tensor:
+        """Indices of ``count`` samples (every sample when there are fewer) drawn without
+        replacement with ``seed``, in increasing order."""
+        order = np.random.default_rng(seed).permutation(len(self.data))
+        return torch.from_numpy(np.sort(order[:count]))
+
 
 @dataclass(frozen=True)
 class Splits:

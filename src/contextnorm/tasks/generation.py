@@ -77,7 +77,7 @@ SAMPLES_FILE = "samples.png"
 REAL_SPLITS = ("test", "train")
 DISCRIMINATOR_NORMS = ("spectral", "batch")
 # Streams of the fixed latents, one per use, so that none depends on another's size.
-_GRID_STREAM, _EVALUATION_STREAM, _PROBE_STREAM, _REAL_STREAM = 0, 1, 2, 3
+_GRID_STREAM, _EVALUATION_STREAM, _PROBE_STREAM, _REAL_STREAM, _GAP_STREAM = 0, 1, 2, 3, 4
 _GRID_GAP = 2
 _GRID_SCALE = 2
 
@@ -699,6 +699,15 @@ class GenerationTask(Task):
             "running": module.evaluate(),
             "batch": module.evaluate(batch_statistics=True),
         }
+
+    def held_out_batch(
+        self, index: int, module: TaskModule, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training batch of fresh latents and contexts for the generator (the norms under
+        test are the generator's)."""
+        assert isinstance(module, GenerationModule)
+        latents, contexts = module.fixed_inputs(self.config.train.batch_size, seed, _GAP_STREAM)
+        return latents.to(module.device), contexts.to(module.device)
 
     def probe(self, index: int, module: TaskModule, count: int, seed: int) -> Probe:
         assert isinstance(module, GenerationModule)
