@@ -45,6 +45,8 @@ LAYERS: dict[str, Callable[[int], nn.Module]] = {
     "CN": lambda c: cn.ContextNorm(c, K),
     "ModeNorm": lambda c: cn.ModeNorm(c, K),
     "SwitchNorm": lambda c: cn.SwitchNorm(c),
+    "ACN (momentum)": lambda c: cn.AdaptiveContextNorm(c, K),
+    "ACN (gradient)": lambda c: cn.AdaptiveContextNorm(c, K, update="gradient"),
 }
 SHAPES = [(32, 16, 8, 8), (64, 64, 16, 16)]
 

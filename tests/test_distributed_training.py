@@ -59,6 +59,14 @@ def test_an_uneven_split_is_refused_before_training(tmp_path) -> None:
         prepare_experiment(config)
 
 
+def test_a_method_that_cannot_synchronise_is_refused_before_training(tmp_path) -> None:
+    config = load_config(
+        "demo", [f"output_dir={tmp_path}", "train.devices=2", "methods=[bn,mixnorm]"]
+    )
+    with pytest.raises(ConfigError, match=r"methods\[1\] \(mixnorm\).*MixtureNorm.*devices=1"):
+        prepare_experiment(config)
+
+
 def fake_trainer(rank: int, world_size: int) -> SimpleNamespace:
     return SimpleNamespace(global_rank=rank, world_size=world_size)
 

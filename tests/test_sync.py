@@ -57,6 +57,16 @@ LAYERS: dict[str, Callable[[], nn.Module]] = {
     "switchnorm": lambda: cn.SwitchNorm(C, momentum=None),
     "batchnorm": lambda: _bn(),
     "batchnorm-dense": lambda: nn.BatchNorm1d(C, momentum=None),
+    "acn-momentum": lambda: cn.AdaptiveContextNorm(C, K),
+    "acn-momentum-none-tokens": lambda: cn.AdaptiveContextNorm(
+        C, K, momentum=None, prior_scaling=True, channel_last=True
+    ),
+    "acn-gradient": lambda: cn.AdaptiveContextNorm(C, K, update="gradient", prior_scaling=True),
+    "acn-gradient-dense": lambda: cn.AdaptiveContextNorm(C, K, update="gradient"),
+    # A floor that most components hit: its gradient goes through every process's statistics.
+    "acn-gradient-floor": lambda: cn.AdaptiveContextNorm(
+        C, K, update="gradient", variance_floor=0.9
+    ),
 }
 
 
@@ -211,6 +221,8 @@ def collectives_case(rank: int, world_size: int) -> dict[str, int]:
         "cn": cn.ContextNorm(C, K),
         "modenorm": cn.ModeNorm(C, K),
         "batchnorm": nn.BatchNorm2d(C),
+        "acn-momentum": cn.AdaptiveContextNorm(C, K),
+        "acn-gradient": cn.AdaptiveContextNorm(C, K, update="gradient"),
     }
     x = torch.randn(6, C, 3, 3, requires_grad=True)
     context = torch.tensor([0, 1, 2, 0, 1, 2])
@@ -235,7 +247,7 @@ def collectives_case(rank: int, world_size: int) -> dict[str, int]:
 
 def test_one_all_reduce_forward_and_backward_none_in_eval_or_alone(pair: ProcessPair) -> None:
     for counts in pair.run(collectives_case):
-        for name in ("cn", "modenorm", "batchnorm"):
+        for name in ("cn", "modenorm", "batchnorm", "acn-momentum", "acn-gradient"):
             assert counts[f"{name} forward"] == 1, counts
             assert counts[f"{name} backward"] == 1, counts
             assert counts[f"{name} eval"] == 0, counts
@@ -319,6 +331,46 @@ def test_convert_sync_marks_layers_and_replaces_batchnorm(pair: ProcessPair) -> 
         assert all(facts.values()), facts
 
 
+def mixnorm_case(rank: int, world_size: int) -> dict[str, Any]:
+    context_norm = cn.ContextNorm(C, K)
+    model = nn.Sequential(context_norm, cn.MixtureNorm(C, K))
+    try:
+        cn.convert_sync(model)
+    except NotImplementedError as error:
+        return {"message": str(error), "left as it was": not context_norm.synchronized}
+    return {"message": "no error"}
+
+
+def test_convert_sync_refuses_mixnorm_saying_why_and_what_to_do(pair: ProcessPair) -> None:
+    for answer in pair.run(mixnorm_case):
+        message = answer["message"]
+        for part in ("MixtureNorm", "k-means++", "AdaptiveContextNorm", "one process"):
+            assert part in message, message
+        assert answer["left as it was"]
+
+
+def identical_buffers_case(rank: int, world_size: int, update: str) -> dict[str, torch.Tensor]:
+    """float32 training steps on unequal shares far from zero: the buffers each process keeps."""
+    torch.manual_seed(0)
+    layer = cn.convert_sync(cn.AdaptiveContextNorm(C, K, update=update))
+    generator = torch.Generator().manual_seed(3)
+    shares = (7, 3)
+    start = sum(shares[:rank])
+    for _ in range(3):
+        x = torch.randn(sum(shares), C, 3, 3, generator=generator) * 2.0 + 50.0
+        layer(x[start : start + shares[rank]].requires_grad_()).square().sum().backward()
+    return {name: buffer.clone() for name, buffer in layer.named_buffers()}
+
+
+@pytest.mark.parametrize("update", ["momentum", "gradient"])
+def test_acn_buffers_are_bitwise_identical_on_every_process(pair: ProcessPair, update: str) -> None:
+    # In float32 a per-process rounding would show: DDP's buffer broadcast must change nothing.
+    first, second = pair.run(identical_buffers_case, update)
+    assert int(first["num_batches_tracked"]) == 3
+    for name, buffer in first.items():
+        assert torch.equal(buffer, second[name]), name
+
+
 def ddp_model(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     model = nn.Sequential(
@@ -337,6 +389,25 @@ def ddp_model(seed: int) -> nn.Module:
         nn.Linear(C, 5),
     )
     return cn.ContextualModel(model).double()
+
+
+def ddp_mixture_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, C, 3, padding=1),
+        cn.AdaptiveContextNorm(C, K),
+        nn.ReLU(),
+        nn.Conv2d(C, C, 3, padding=1),
+        cn.AdaptiveContextNorm(C, 2, update="gradient"),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(C, 5),
+    )
+    return cn.ContextualModel(model).double()
+
+
+DDP_MODELS = {"context layers": ddp_model, "mixture layers": ddp_mixture_model}
 
 
 def ddp_batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -362,8 +433,9 @@ def train_two_steps(model: nn.Module, batches: list[Any], scale: float) -> nn.Mo
     return model
 
 
-def ddp_case(rank: int, world_size: int) -> dict[str, torch.Tensor]:
-    model = nn.parallel.DistributedDataParallel(cn.convert_sync(ddp_model(rank)))
+def ddp_case(rank: int, world_size: int, models: str) -> dict[str, torch.Tensor]:
+    # DDP broadcasts buffers before each forward (broadcast_buffers=True, its default).
+    model = nn.parallel.DistributedDataParallel(cn.convert_sync(DDP_MODELS[models](rank)))
     _, shares = SHARES["missing"]
     start = sum(shares[:rank])
     local = [tuple(part[start : start + shares[rank]] for part in batch) for batch in ddp_batches()]
@@ -373,11 +445,12 @@ def ddp_case(rank: int, world_size: int) -> dict[str, torch.Tensor]:
     return {key: value.clone() for key, value in model.module.state_dict().items()}
 
 
-def test_distributed_data_parallel_trains_as_one_process(pair: ProcessPair) -> None:
-    states = pair.run(ddp_case)
+@pytest.mark.parametrize("models", DDP_MODELS)
+def test_distributed_data_parallel_trains_as_one_process(pair: ProcessPair, models: str) -> None:
+    states = pair.run(ddp_case, models)
     # Every process starts from process 0's parameters (DDP broadcasts them); so does the reference.
     expected = train_two_steps(
-        ddp_model(0), ddp_batches(), 1.0 / len(SHARES["missing"][0])
+        DDP_MODELS[models](0), ddp_batches(), 1.0 / len(SHARES["missing"][0])
     ).state_dict()
     for rank, state in enumerate(states):
         for key, value in expected.items():

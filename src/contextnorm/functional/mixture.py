@@ -14,7 +14,9 @@ products does not cancel catastrophically when activations sit far from zero.
 
 The training transform ([CBN] Eq. 5-9 = [PKN] Eq. 19-21) is a custom autograd function
 (:func:`batch_mixture_norm`) whose backward computes the input gradient in a few fused
-passes instead of autograd's dozen.
+passes instead of autograd's dozen. Over several processes, the posterior-weighted sums are
+all-reduced between the posterior and the coefficients, and the coefficients' gradient
+between the output's backward and the posterior's: the fused passes stay as they are.
 
 References:
     [CBN] B. Faye, H. Azzag, M. Lebbah. Cluster-Based Normalization Layer for Neural Networks.
@@ -29,7 +31,10 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+
+from .sync import all_reduce_sum
 
 __all__ = [
     "MixtureStats",
@@ -62,6 +67,10 @@ class MixtureStats(NamedTuple):
         mass_sq: (K,) ``sum_i tau_k(x_i)^2``; ``mass^2 / mass_sq`` is the effective number of
             positions behind a component (the unbiased variance needs it).
         entropy: () ``sum_i H(tau(x_i))`` in nats, summed over positions.
+        positions: () the number of positions behind the statistics.
+
+    Synchronised over processes, they are those of every process's positions, in float64,
+    and the same on every process.
     """
 
     mean: Tensor
@@ -69,6 +78,7 @@ class MixtureStats(NamedTuple):
     mass: Tensor
     mass_sq: Tensor
     entropy: Tensor
+    positions: Tensor
 
 
 def positions_view(x3: Tensor) -> Tensor:
@@ -91,7 +101,7 @@ def from_positions_view(view: Tensor, n: int, length: int) -> Tensor:
         return view.permute(2, 1, 0)
     if view.shape[0] == n:
         return view
-    return view.transpose(1, 2).reshape(n, length, -1).transpose(1, 2)
+    return view.transpose(1, 2).reshape(n, length, view.shape[1]).transpose(1, 2)
 
 
 def sample_positions(view: Tensor, count: int) -> Tensor:
@@ -198,11 +208,76 @@ def log_joint(
 
 def _moments(tau: Tensor, centred: Tensor, squares: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Weighted mean (around the reference) and biased variance (K, C), and the mass (K,)."""
-    mass = tau.sum((0, 2))
+    return _weighted_moments(
+        tau.sum((0, 2)), component_sums(tau, centred), component_sums(tau, squares)
+    )
+
+
+def _weighted_moments(mass: Tensor, first: Tensor, second: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean and biased variance (K, C) from the weighted sums of ``x``, ``x^2`` and 1; the mass."""
     safe = mass.clamp_min(torch.finfo(mass.dtype).tiny).unsqueeze(1)
-    mean = component_sums(tau, centred) / safe
-    var = (component_sums(tau, squares) / safe - mean * mean).clamp_min(0.0)
+    mean = first / safe
+    var = (second / safe - mean * mean).clamp_min(0.0)
     return mean, var, mass
+
+
+def _floor_variances(
+    mean: Tensor, var: Tensor, mass: Tensor, ratio: float
+) -> tuple[Tensor, Tensor | None]:
+    """``var`` kept at or above ``ratio`` times the batch's variance per channel; which were raised.
+
+    The batch's variance comes from the components' moments (no extra pass over the data).
+    """
+    if ratio <= 0:
+        return var, None
+    share = (mass / mass.sum()).unsqueeze(1)
+    total_mean = (share * mean).sum(0)
+    floor = ratio * ((share * (var + mean * mean)).sum(0) - total_mean * total_mean)
+    floored = var < floor
+    return torch.where(floored, floor, var), floored
+
+
+def _all_processes_statistics(
+    tau: Tensor,
+    log_tau: Tensor,
+    centred: Tensor,
+    squares: Tensor,
+    reference: Tensor,
+    group: dist.ProcessGroup | None,
+) -> MixtureStats:
+    """The :class:`MixtureStats` (variances not floored) of every process's positions.
+
+    Each process's weighted sums are moved from its own reference to zero in float64 (so that
+    they add up, whatever the processes' references), then summed over ``group`` with the
+    squared weights, the entropy and the number of positions: one all-reduce of
+    ``K * (2C + 2) + 2`` values. The result is the same on every process, and so are the
+    statistics computed from it, in float64.
+    """
+    wide = torch.float64
+    mass = tau.sum((0, 2)).to(wide).unsqueeze(1)
+    first = component_sums(tau, centred).to(wide)
+    second = component_sums(tau, squares).to(wide)
+    shift = reference.to(wide)
+    # sum tau x = sum tau x' + M r and sum tau x^2 = sum tau x'^2 + (2 sum tau x' + M r) r.
+    sums = torch.cat(
+        (
+            mass,
+            first + mass * shift,
+            second + (2.0 * first + mass * shift) * shift,
+            (tau * tau).sum((0, 2)).to(wide).unsqueeze(1),
+        ),
+        dim=1,
+    )
+    positions = torch.full((), tau.shape[0] * tau.shape[2], dtype=wide, device=tau.device)
+    extras = torch.stack((-(tau * log_tau).sum().to(wide), positions))
+    total = all_reduce_sum(torch.cat((sums.flatten(), extras)), group)
+    channels = centred.shape[1]
+    sums, extras = total.split((sums.numel(), 2))
+    mass, first, second, mass_sq = sums.view(-1, 2 * channels + 2).split(
+        (1, channels, channels, 1), dim=1
+    )
+    mean, var, mass = _weighted_moments(mass.squeeze(1), first, second)
+    return MixtureStats(mean, var, mass, mass_sq.squeeze(1), extras[0], extras[1])
 
 
 def _coefficients(
@@ -242,6 +317,13 @@ class _BatchMixtureNorm(torch.autograd.Function):
     ``posterior_grad=False`` treats the posterior as a constant (MixNorm's EM posterior).
     ``gain=None`` uses the batch's own mixture weights ``M_k / sum M`` (differentiated with
     the posterior).
+
+    With a process ``group``, ``(E1, E2, M)`` are sums over every process's positions: the
+    forward all-reduces them (moved to a common origin) before ``(mu, v)``; in the backward,
+    ``d(mu, v)`` (and the batch gain's ``d gain``) from each process's output are summed over
+    the processes before the chain to ``(E1, E2, M)``, which every process then applies to
+    its own positions. The gradients of ``alpha, beta, gamma, gain, weight, bias`` stay this
+    process's share, as for any parameter under data parallelism.
     """
 
     @staticmethod
@@ -258,21 +340,25 @@ class _BatchMixtureNorm(torch.autograd.Function):
         eps: float,
         posterior_grad: bool,
         floor_ratio: float,
+        group: dist.ProcessGroup | None,
     ) -> tuple[Tensor, ...]:
         inner = channels_inner(x)
         centred = _dense(x - reference.view(1, -1, 1), inner)
         squares = centred * centred
         log_tau = torch.log_softmax(log_joint(centred, squares, alpha, beta, gamma), dim=1)
         tau = log_tau.exp()
-        mean, var, mass = _moments(tau, centred, squares)
-        floored = None
-        if floor_ratio > 0:
-            # The batch's variance per channel, from the components' moments: no extra pass.
-            share = (mass / mass.sum()).unsqueeze(1)
-            total_mean = (share * mean).sum(0)
-            floor = floor_ratio * ((share * (var + mean * mean)).sum(0) - total_mean * total_mean)
-            floored = var < floor
-            var = torch.where(floored, floor, var)
+        if group is None:
+            mean, var, mass = _moments(tau, centred, squares)
+            var, floored = _floor_variances(mean, var, mass, floor_ratio)
+            stats = None
+        else:
+            # Every process's statistics, in float64 and around zero; this process normalises
+            # its own positions around its own reference, in their dtype.
+            stats = _all_processes_statistics(tau, log_tau, centred, squares, reference, group)
+            wide_var, floored = _floor_variances(stats.mean, stats.var, stats.mass, floor_ratio)
+            stats = stats._replace(var=wide_var)
+            mean = (stats.mean - reference.to(stats.mean.dtype)).to(centred.dtype)
+            var, mass = wide_var.to(centred.dtype), stats.mass.to(centred.dtype)
         batch_gain = gain is None
         if batch_gain:
             gain = (mass / mass.sum()).clamp_min(torch.finfo(mass.dtype).tiny).rsqrt()
@@ -281,12 +367,19 @@ class _BatchMixtureNorm(torch.autograd.Function):
         out = expand_components(scale, tau, inner, out=squares)
         out.mul_(centred)
         _expand_components_add_(out, shift, tau, inner)
-        stats = MixtureStats(
-            mean + reference, var, mass, (tau * tau).sum((0, 2)), -(tau * log_tau).sum()
-        )
+        if stats is None:
+            positions = torch.full((), x.shape[0] * x.shape[2], dtype=mass.dtype, device=x.device)
+            stats = MixtureStats(
+                mean + reference,
+                var,
+                mass,
+                (tau * tau).sum((0, 2)),
+                -(tau * log_tau).sum(),
+                positions,
+            )
         saved = (centred, tau, alpha, beta, gain, weight, bias, mean, var, mass, floored)
         ctx.save_for_backward(*saved)
-        ctx.flags = (inner, batch_gain, posterior_grad, floor_ratio, eps)
+        ctx.flags = (inner, batch_gain, posterior_grad, floor_ratio, eps, group)
         ctx.mark_non_differentiable(*stats)
         return (out, *stats)
 
@@ -296,7 +389,7 @@ class _BatchMixtureNorm(torch.autograd.Function):
         ctx, grad: Tensor, *_: Tensor
     ) -> tuple[Tensor | None, ...]:
         centred, tau, alpha, beta, gain, weight, bias, mean, var, mass, floored = ctx.saved_tensors
-        inner, batch_gain, posterior_grad, floor_ratio, eps = ctx.flags
+        inner, batch_gain, posterior_grad, floor_ratio, eps, group = ctx.flags
         needs = ctx.needs_input_grad
         scale, shift, inv_std = _coefficients(mean, var, eps, gain, weight, bias)
         grad = _dense(grad, inner)
@@ -310,15 +403,21 @@ class _BatchMixtureNorm(torch.autograd.Function):
         grad_scale = grad_scale - mean * grad_shift
         grad_mean = -scale * grad_shift
         grad_var = -0.5 * grad_scale * scale * inv_std * inv_std
-        grad_floor = None
-        if floored is not None:
-            grad_floor = floor_ratio * (grad_var * floored).sum(0)
-            grad_var = grad_var.masked_fill(floored, 0.0)
         per_gain = (grad_scale * inv_std if weight is None else grad_scale * inv_std * weight).sum(
             1
         )
         grad_gain = per_gain if needs[5] and not batch_gain else None
         grad_weight = (grad_scale * inv_std * gain.unsqueeze(1)).sum(0) if needs[6] else None
+        if group is not None:
+            # The parameters' gradients above are this process's share (DDP sums them); the
+            # statistics are every process's, so their gradient is the sum over processes.
+            grad_mean, grad_var, per_gain = _sum_over_processes(
+                (grad_mean, grad_var, per_gain if batch_gain else None), group
+            )
+        grad_floor = None
+        if floored is not None:
+            grad_floor = floor_ratio * (grad_var * floored).sum(0)
+            grad_var = grad_var.masked_fill(floored, 0.0)
 
         # (mean, var) -> the weighted sums E1 = sum tau x', E2 = sum tau x'^2 and M = sum tau.
         safe = mass.clamp_min(torch.finfo(mass.dtype).tiny).unsqueeze(1)
@@ -373,7 +472,18 @@ class _BatchMixtureNorm(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
+
+
+def _sum_over_processes(
+    tensors: tuple[Tensor | None, ...], group: dist.ProcessGroup | None
+) -> list[Tensor | None]:
+    """Each tensor summed over the processes of ``group`` (``None`` stays): one all-reduce."""
+    present = [tensor for tensor in tensors if tensor is not None]
+    total = all_reduce_sum(torch.cat([tensor.flatten() for tensor in present]), group)
+    parts = iter(total.split([tensor.numel() for tensor in present]))
+    return [None if tensor is None else next(parts).view_as(tensor) for tensor in tensors]
 
 
 def batch_mixture_norm(
@@ -388,6 +498,7 @@ def batch_mixture_norm(
     posterior_grad: bool = True,
     reference: Tensor | None = None,
     variance_floor: float = 0.0,
+    group: dist.ProcessGroup | None = None,
 ) -> tuple[Tensor, MixtureStats]:
     """The training transform of ACN and MixNorm ([CBN] Eq. 5-9, [PKN] Eq. 19-21).
 
@@ -406,8 +517,15 @@ def batch_mixture_norm(
         reference: (C,) the centre of ``x'``; the detached batch mean when omitted.
         variance_floor: ``v_k`` is kept at or above this fraction of the batch's variance in
             its channel (0: no floor); the floor is differentiated as a function of the batch.
+        group: a process group whose processes' positions share the statistics (``None``:
+            this batch alone). Each process passes its own positions (none at all included)
+            and gets the statistics of all of them, as one process would on the concatenated
+            batch: one all-reduce of ``K * (2C + 2) + 2`` values in the forward, one of the
+            statistics' ``2 K C`` gradients in the backward (``K`` more with ``gain=None``).
+            Every process of the group must make the same calls in the same order.
 
-    Returns ``y`` (B, C, L) and the :class:`MixtureStats` of the batch.
+    Returns ``y`` (B, C, L) and the :class:`MixtureStats` of the batch (of every process's
+    batch with ``group``).
     """
     if reference is None:
         reference = x.detach().mean((0, 2))
@@ -423,6 +541,7 @@ def batch_mixture_norm(
         eps,
         posterior_grad,
         float(variance_floor),
+        group,
     )
     return out, MixtureStats(*stats)
 

@@ -37,7 +37,14 @@ import torch.nn.functional as nnf
 from torch import Tensor, nn
 
 from .. import functional as F
-from .base import _SOFTPLUS_OF_ONE, NormBase, check_count, check_momentum, inverse_softplus
+from .base import (
+    _SOFTPLUS_OF_ONE,
+    NormBase,
+    check_agreement,
+    check_count,
+    check_momentum,
+    inverse_softplus,
+)
 
 __all__ = ["AdaptiveContextNorm", "MixtureNorm"]
 
@@ -165,7 +172,8 @@ class _PositionMixture(NormBase):
         estimates are written back in their own dtype); the output has the input's dtype, as
         BatchNorm's.
         """
-        if x.numel() == 0:
+        # A synchronised layer joins its collectives whatever its batch holds (none at all too).
+        if x.numel() == 0 and self._statistics_group() is None:
             return self._empty_output(x)
         x3, restore = F.as_ncl(x, self.num_features, self.channel_last)
         view = F.positions_view(x3)
@@ -210,8 +218,14 @@ class _PositionMixture(NormBase):
         posterior_grad: bool,
         restart: bool = False,
     ) -> Tensor:
-        """The training transform with the batch's weighted statistics; updates the running ones."""
+        """The training transform with the batch's weighted statistics; updates the running ones.
+
+        Synchronised, the statistics are those of every process's batch.
+        """
         weight, bias = self._affine(view.dtype)
+        group = self._statistics_group()
+        if group is not None:
+            check_agreement(self, group, self.num_contexts, view.device)
         out, stats = F.batch_mixture_norm(
             view,
             *coefficients,
@@ -222,9 +236,10 @@ class _PositionMixture(NormBase):
             posterior_grad=posterior_grad,
             reference=reference,
             variance_floor=self.variance_floor,
+            group=group,
         )
         if self.training and self.track_running_stats:
-            self._update_running(stats, view.shape[0] * view.shape[2], restart)
+            self._update_running(stats, restart)
         return out
 
     def _running_transform(
@@ -256,8 +271,8 @@ class _PositionMixture(NormBase):
             bias,
         )
 
-    def _update_running(self, stats: F.MixtureStats, positions: int, restart: bool = False) -> None:
-        """Fold a training batch's statistics into the running estimates (no grad, no sync).
+    def _update_running(self, stats: F.MixtureStats, restart: bool = False) -> None:
+        """Fold a training batch's statistics into the running estimates (no grad, no host sync).
 
         ``restart``: the first batch replaces the running estimates instead of being averaged in.
         """
@@ -271,14 +286,15 @@ class _PositionMixture(NormBase):
                 )
             if restart:
                 rate = torch.where(self.num_batches_tracked == 1, 1.0, rate)
-            share = (stats.mass / positions).to(self.running_prior)
+            share = (stats.mass / stats.positions).to(self.running_prior)
             # A component with (about) one position behind it has no variance to learn from.
             present = (stats.mass * stats.mass >= 2.0 * stats.mass_sq).to(self.running_prior)
             component_rate = (rate * present).unsqueeze(1)
             self.running_prior.lerp_(share, rate)
             self.running_mean.lerp_(stats.mean.to(self.running_mean), component_rate)
             self.running_var.lerp_(_unbiased(stats).to(self.running_var), component_rate)
-            self.running_entropy.lerp_((stats.entropy / positions).to(self.running_entropy), rate)
+            entropy = stats.entropy / stats.positions
+            self.running_entropy.lerp_(entropy.to(self.running_entropy), rate)
 
     def extra_repr(self) -> str:
         parts = [
@@ -476,7 +492,9 @@ class AdaptiveContextNorm(_PositionMixture):
         eval_statistics = self._eval_statistics(view.dtype)
         if eval_statistics is not None:
             return self._running_transform(view, log_prior, mean, var, *eval_statistics)
-        reference = view.detach().mean((0, 2))
+        # The batch mean per channel; zeros for an empty batch (a synchronised layer's, whose
+        # statistics come from the other processes).
+        reference = view.detach().sum((0, 2)) / max(view.shape[0] * view.shape[2], 1)
         coefficients = F.log_joint_coefficients(log_prior, mean, var, reference)
         return self._batch_transform(
             view, coefficients, reference, self._gain(log_prior), posterior_grad=True

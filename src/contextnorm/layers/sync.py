@@ -8,16 +8,22 @@ group, exactly as one process would on the concatenated batch:
 - each layer all-reduces its groups' sufficient statistics once per training forward (about
   ``K * (2C + 1)`` values: counts, sums and sums of squares per context, mode or component),
   and their gradients once in the backward; no activation is gathered
-  (:func:`contextnorm.functional.synced_pooled_moments`);
+  (:func:`contextnorm.functional.synced_pooled_moments`); ACN all-reduces the
+  posterior-weighted sums of every component with the squared weights, the entropy and the
+  number of positions (``K * (2C + 2) + 2`` values), and ``2 K C`` gradients
+  (:func:`contextnorm.functional.batch_mixture_norm`);
 - a process whose batch lacks a context, or holds no sample at all, adds zeros and still joins
   every collective, so nothing hangs;
-- every process updates its running statistics (and an estimated prior) from the same reduced
-  statistics, so they stay identical on every process and DDP's ``broadcast_buffers`` changes
-  nothing;
+- every process updates its running statistics (and an estimated prior, and ACN's mixture in
+  ``update="momentum"``) from the same reduced statistics, so they stay identical on every
+  process and DDP's ``broadcast_buffers`` changes nothing;
 - eval mode and a group of one process run no collective (as ``nn.SyncBatchNorm``);
 - the first synchronised call of each layer checks, with one small all-reduce, that every
   process's layer has the same number of channels and groups, and raises on every process
   otherwise (instead of hanging or adding unrelated statistics).
+
+MixNorm is refused: its EM fits each batch on positions drawn at random and seeds by
+k-means++ on them, which per-process sums cannot reproduce for the whole batch.
 """
 
 from __future__ import annotations
@@ -28,9 +34,9 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .base import NormBase, active_group, check_agreement
-from .mixture import AdaptiveContextNorm, MixtureNorm
+from .mixture import MixtureNorm
 
-__all__ = ["SyncBatchNorm", "convert_sync", "revert_sync"]
+__all__ = ["SyncBatchNorm", "check_synchronisable", "convert_sync", "revert_sync"]
 
 _NO_PROCESS_GROUP = (
     "contextnorm.convert_sync needs an initialised process group: start one with "
@@ -122,6 +128,10 @@ def convert_sync(module: nn.Module, process_group: dist.ProcessGroup | None = No
     ``DistributedDataParallel``. ``module`` may be a model or a single layer.
 
     - CN, ModeNorm, SwitchNorm (its batch part): batch statistics over the group, in training.
+    - ACN (both ``update`` modes): the posterior-weighted statistics of every component over
+      the group's positions, in training, with the running estimates (in ``"momentum"`` mode,
+      the mixture itself) updated from them, the same on every process. The posterior of a
+      position still needs only that position and the mixture.
     - CN-X, CN-E have no batch statistics, but their data-dependent start (``data_init``) and an
       estimated prior come from every process's batch, so that all processes start from, and
       keep, the same parameters and buffers.
@@ -139,19 +149,40 @@ def convert_sync(module: nn.Module, process_group: dist.ProcessGroup | None = No
 
     Raises:
         RuntimeError: no process group is initialised.
-        NotImplementedError: ``module`` holds an ACN or MixNorm layer.
+        NotImplementedError: ``module`` holds a MixNorm layer, whose per-batch EM (positions
+            drawn at random, k-means++ seeds) cannot be computed from per-process sums as one
+            process computes it on the whole batch; nothing is converted then. Use ACN, or
+            train the MixNorm model on one process.
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(_NO_PROCESS_GROUP)
+    # Refused before any layer is converted, so that the model is left as it was.
+    check_synchronisable(module)
     return _convert(module, process_group)
 
 
+def check_synchronisable(module: nn.Module) -> None:
+    """Raise ``NotImplementedError`` if :func:`convert_sync` cannot synchronise ``module``.
+
+    For checks before training starts (a configuration asking for several processes): the
+    message says which layer, why, and what to use instead.
+    """
+    for layer in module.modules():
+        if isinstance(layer, MixtureNorm):
+            raise NotImplementedError(_MIXNORM_REFUSED.format(layer=layer.extra_repr()))
+
+
+_MIXNORM_REFUSED = (
+    "convert_sync cannot synchronise MixtureNorm ({layer}): each training batch's mixture is "
+    "fitted by EM on at most max_positions positions drawn at random from the batch, seeded "
+    "by k-means++ on those positions, and neither the draw nor the seeds of one process on the "
+    "whole batch can be reproduced from per-process sums without gathering every process's "
+    "activations. Use AdaptiveContextNorm (update='momentum' is its online-EM counterpart, and "
+    "is synchronised exactly), or train the MixtureNorm model on one process"
+)
+
+
 def _convert(module: nn.Module, group: dist.ProcessGroup | None) -> nn.Module:
-    if isinstance(module, (AdaptiveContextNorm, MixtureNorm)):
-        raise NotImplementedError(
-            f"convert_sync does not synchronise {type(module).__name__} yet: its statistics come "
-            "from a per-position mixture; train it on one process, or replace it"
-        )
     if isinstance(module, NormBase):
         module.synchronized = True
         module.process_group = group

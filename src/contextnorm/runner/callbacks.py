@@ -201,9 +201,10 @@ class InterruptWatch(L.Callback):
 class SyncNormStatistics(LayerSync):
     """Lightning's DDP strategy plugin that makes every norm layer use all processes' batches.
 
-    :func:`contextnorm.convert_sync` while fitting (CN, ModeNorm, SwitchNorm, BatchNorm and the
-    starts of CN-X and CN-E); :func:`contextnorm.revert_sync` afterwards, which puts back the
-    very BatchNorm objects it replaced (a module's references to its layers stay valid).
+    :func:`contextnorm.convert_sync` while fitting (CN, ACN, ModeNorm, SwitchNorm, BatchNorm and
+    the starts of CN-X and CN-E; MixNorm is refused); :func:`contextnorm.revert_sync`
+    afterwards, which puts back the very BatchNorm objects it replaced (a module's references
+    to its layers stay valid).
     """
 
     def apply(self, model: nn.Module) -> nn.Module:

@@ -18,6 +18,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from contextnorm.config import ConfigError, ExperimentConfig
+from contextnorm.layers.sync import check_synchronisable
 from contextnorm.metrics import MetricSpec
 from contextnorm.runner.folder import merge_with_folder, write_experiment
 from contextnorm.runner.progress import Progress
@@ -58,8 +59,25 @@ def prepare_experiment(config: ExperimentConfig) -> Task:
     task = build_task(config)
     task.setup()
     for index in range(len(config.methods)):
-        _check_figure_layer(config, task.build_module(index).tested_layers, index)
+        module = task.build_module(index)
+        _check_figure_layer(config, module.tested_layers, index)
+        if processes > 1:
+            _check_synchronisable(config, module, index, processes)
     return task
+
+
+def _check_synchronisable(
+    config: ExperimentConfig, module: torch.nn.Module, index: int, processes: int
+) -> None:
+    """Fail now if a method's norm layers cannot compute their statistics over the processes."""
+    try:
+        check_synchronisable(module)
+    except NotImplementedError as error:
+        raise ConfigError(
+            f"{method_location(config, index)} cannot train on the {processes} processes that "
+            f"train.devices and train.num_nodes start: {error}. Set train.devices=1 and "
+            "train.num_nodes=1 for it"
+        ) from None
 
 
 def _check_figure_layer(
