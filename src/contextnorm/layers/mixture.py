@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Iterator
 
 import torch
@@ -44,6 +43,7 @@ from .base import (
     check_count,
     check_momentum,
     inverse_softplus,
+    renamed_count,
 )
 
 __all__ = ["AdaptiveContextNorm", "MixtureNorm"]
@@ -51,24 +51,6 @@ __all__ = ["AdaptiveContextNorm", "MixtureNorm"]
 _UPDATE_MODES = ("gradient", "momentum")
 _INFERENCE_MODES = ("running", "mixture")
 _TINY_PRIOR = 1e-12
-
-
-def _renamed_count(name: str, value: int | None, old_name: str, old_value: int | None) -> int:
-    """The count given as ``name``, or as its former name ``old_name`` with a ``FutureWarning``."""
-    if old_value is not None:
-        warnings.warn(
-            f"{old_name} is renamed {name}; pass {name}={old_value} instead",
-            FutureWarning,
-            stacklevel=3,
-        )
-        if value is not None and value != old_value:
-            raise ValueError(
-                f"{name}={value!r} and {old_name}={old_value!r} disagree; pass {name} alone"
-            )
-        value = old_value
-    if value is None:
-        raise TypeError(f"missing the required argument {name}")
-    return check_count(name, value)
 
 
 @contextlib.contextmanager
@@ -400,7 +382,7 @@ class AdaptiveContextNorm(_PositionMixture):
         *,
         num_components: int | None = None,
     ) -> None:
-        count = _renamed_count("num_contexts", num_contexts, "num_components", num_components)
+        count = renamed_count("num_contexts", num_contexts, "num_components", num_components)
         super().__init__(
             num_features, count, eps, momentum, affine, variance_floor, prior_scaling, channel_last
         )
@@ -581,7 +563,7 @@ class MixtureNorm(_PositionMixture):
         *,
         num_components: int | None = None,
     ) -> None:
-        count = _renamed_count("num_contexts", num_contexts, "num_components", num_components)
+        count = renamed_count("num_contexts", num_contexts, "num_components", num_components)
         super().__init__(
             num_features, count, eps, momentum, affine, variance_floor, prior_scaling, channel_last
         )
