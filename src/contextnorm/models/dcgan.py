@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from ._checks import require_positive_int
-from .placement import NormFactory, NormSiteModel, NormSites, PlacementSpec
+from .placement import NormFactory, NormSiteModel, PlacementSpec
 
 # Three stride-2 stages separate the first feature map from the image, in both networks.
 UPSAMPLING_FACTOR = 8
@@ -109,13 +109,7 @@ class DCGANGenerator(NormSiteModel):
         self.out_channels = require_positive_int("out_channels", out_channels)
         self.image_size = check_image_size(image_size)
         channels = _channels("widths", widths, 4)
-        sites = NormSites(
-            norm_layer,
-            placement,
-            owner=type(self).__name__,
-            supported_modes=("all", "index"),
-            base_norm_layer=base_norm_layer,
-        )
+        sites = self._norm_sites(norm_layer, placement, ("all", "index"), base_norm_layer)
         self.initial_size = self.image_size // UPSAMPLING_FACTOR
         self.project = nn.Linear(self.latent_dim, channels[0] * self.initial_size**2)
         blocks: list[nn.Module] = []

@@ -101,13 +101,7 @@ class DenseNet(NormSiteModel):
                 f"({'with' if bottleneck else 'without'} bottleneck), got {depth}"
             )
         layers_per_block = (depth - 4) // (3 * convs_per_layer)
-        sites = NormSites(
-            norm_layer,
-            placement,
-            owner=type(self).__name__,
-            supported_modes=("all", "index", "input"),
-            base_norm_layer=base_norm_layer,
-        )
+        sites = self._norm_sites(norm_layer, placement, ("all", "index", "input"), base_norm_layer)
 
         self.input_norm = sites.input_norm(in_channels)
         # The DenseNet paper's stem: 16 maps, or twice the growth rate for DenseNet-BC.

@@ -217,6 +217,22 @@ def _build(factory: NormFactory, name: str, num_features: int) -> nn.Module:
 class NormSiteModel(nn.Module):
     """Base of the models built with :class:`NormSites`: exposes their norm sites."""
 
+    def _norm_sites(
+        self,
+        norm_layer: NormFactory | None,
+        placement: PlacementSpec,
+        supported_modes: Collection[PlacementMode],
+        base_norm_layer: NormFactory | None = None,
+    ) -> NormSites:
+        """The :class:`NormSites` of this model, named after its class in error messages."""
+        return NormSites(
+            norm_layer,
+            placement,
+            owner=type(self).__name__,
+            supported_modes=supported_modes,
+            base_norm_layer=base_norm_layer,
+        )
+
     def _set_norm_sites(self, sites: NormSites) -> None:
         self.placement = sites.placement
         # A plain tuple, not an nn.ModuleList: the modules are already registered where the

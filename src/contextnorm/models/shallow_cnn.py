@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ._checks import require_positive_int
-from .placement import NormFactory, NormSiteModel, NormSites, PlacementSpec
+from .placement import NormFactory, NormSiteModel, PlacementSpec
 
 
 class ShallowCNN(NormSiteModel):
@@ -49,13 +49,7 @@ class ShallowCNN(NormSiteModel):
                 f"widths must be a non-empty sequence of channel counts, got {widths!r}"
             )
         widths = [require_positive_int(f"widths[{i}]", width) for i, width in enumerate(widths)]
-        sites = NormSites(
-            norm_layer,
-            placement,
-            owner=type(self).__name__,
-            supported_modes=("all", "index", "input"),
-            base_norm_layer=base_norm_layer,
-        )
+        sites = self._norm_sites(norm_layer, placement, ("all", "index", "input"), base_norm_layer)
 
         self.input_norm = sites.input_norm(in_channels)
         layers: list[nn.Module] = []

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import require_positive_int, require_probability
-from .placement import NormFactory, NormSiteModel, NormSites, PlacementSpec
+from .placement import NormFactory, NormSiteModel, PlacementSpec
 
 # The Keras example's LayerNormalization epsilon.
 _LAYER_NORM_EPS = 1e-6
@@ -145,9 +145,7 @@ class VisionTransformer(NormSiteModel):
             raise ValueError(f"patch_size ({patch_size}) must not exceed image_size ({image_size})")
         self.patches_per_side = image_size // patch_size
         num_patches = self.patches_per_side**2
-        sites = NormSites(
-            norm_layer, placement, owner=type(self).__name__, supported_modes=("input", "patch")
-        )
+        sites = self._norm_sites(norm_layer, placement, ("input", "patch"))
 
         self.input_norm = sites.input_norm(in_channels)
         self.patch_projection = nn.Linear(patch_size * patch_size * in_channels, embed_dim)

@@ -103,13 +103,7 @@ class WideResNet(NormSiteModel):
                 f"got {depth}"
             )
         blocks_per_group = (depth - 4) // 6
-        sites = NormSites(
-            norm_layer,
-            placement,
-            owner=type(self).__name__,
-            supported_modes=("all", "index", "input"),
-            base_norm_layer=base_norm_layer,
-        )
+        sites = self._norm_sites(norm_layer, placement, ("all", "index", "input"), base_norm_layer)
 
         self.input_norm = sites.input_norm(in_channels)
         self.stem = nn.Conv2d(in_channels, STEM_CHANNELS, 3, padding=1, bias=False)

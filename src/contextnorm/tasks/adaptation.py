@@ -37,6 +37,7 @@ from contextnorm.tasks.base import TASKS, Probe, Selection, Task
 from contextnorm.tasks.classification import (
     classification_metric_specs,
     describe_contexts,
+    own_contexts_notes,
     tested_views,
 )
 from contextnorm.tasks.data import (
@@ -44,6 +45,7 @@ from contextnorm.tasks.data import (
     ContextSplit,
     assign_contexts,
     fit_contexts,
+    loading_options,
     per_method_contexts,
     reference_options,
 )
@@ -282,17 +284,12 @@ class AdaptationTask(Task):
             "Models without context layers ignore the context, so their three target views "
             "coincide.",
         ]
-        own = [
-            f"{method.display_name}: {_describe_contexts(contexts)}"
-            for method, contexts in zip(config.methods, self.contexts, strict=True)
-            if method.contexts is not None
-        ]
-        if own:
-            notes.append(
-                "Methods with contexts of their own are trained and tested with those (the "
-                "'true domain id' view gives each test image its own context; the 'source "
-                "domain id' view gives every target image context 0): " + "; ".join(own) + "."
-            )
+        notes += own_contexts_notes(
+            config.methods,
+            map(_describe_contexts, self.contexts),
+            " (the 'true domain id' view gives each test image its own context; the 'source "
+            "domain id' view gives every target image context 0)",
+        )
         curve_figures = {}
         if any(self._measures_gradients(label) for label in self._labels()):
             notes.append(
@@ -409,16 +406,14 @@ class AdaptationTask(Task):
 
     def datamodule(self, index: int, module: TaskModule) -> DomainAdaptationDataModule:
         assert isinstance(module, AdaMatchModule)
-        settings, contexts = self.config.train, self.contexts[index]
+        contexts = self.contexts[index]
         return DomainAdaptationDataModule(
             contexts.train,
             contexts.val,
             {view: contexts.test[view] for view in module.test_views},
-            batch_size=settings.batch_size,
             uratio=self.options.uratio,
-            eval_batch_size=settings.eval_batch_size or settings.batch_size,
-            num_workers=settings.num_workers,
             val_views={"target": contexts.val_target},
+            **loading_options(self.config.train),
         )
 
     def _measures_gradients(self, label: str) -> bool:
@@ -437,8 +432,7 @@ class AdaptationTask(Task):
         datamodule: L.LightningDataModule,
     ) -> dict[str, dict[str, float]]:
         assert isinstance(module, AdaMatchModule)
-        tested = tested_views(trainer, module, datamodule)
-        return {view: tested.get(view, tested["target"]) for view in VIEWS}
+        return tested_views(trainer, module, datamodule, VIEWS, untested_as="target")
 
     def held_out_batch(
         self, index: int, module: TaskModule, seed: int
@@ -454,8 +448,7 @@ class AdaptationTask(Task):
             chosen = split.choose(2 * share, seed)
             images.append(split.data.images[chosen])
             contexts.append(split.contexts[chosen])
-        batch = module.preprocess(torch.cat(images).to(module.device), augment=False)
-        return batch, torch.cat(contexts).to(module.device)
+        return module.evaluation_inputs(torch.cat(images), torch.cat(contexts))
 
     def probe(self, index: int, module: TaskModule, count: int, seed: int) -> Probe:
         """Half the samples from the source test images, half from the target's, each run with
@@ -472,8 +465,7 @@ class AdaptationTask(Task):
             contexts.append(split.contexts[chosen])
             domains.append(torch.full((len(chosen),), domain, dtype=torch.int64))
             labels.append(split.data.labels[chosen])
-        batch = module.preprocess(torch.cat(images).to(module.device), augment=False)
-        module(batch, torch.cat(contexts).to(module.device))
+        module(*module.evaluation_inputs(torch.cat(images), torch.cat(contexts)))
         # The figures name the domains: an ablation's random contexts would be mislabelled.
         return Probe(contexts=torch.cat(domains), labels=torch.cat(labels))
 

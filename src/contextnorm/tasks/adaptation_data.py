@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -182,10 +183,10 @@ class DomainAdaptationDataModule(ContextDataModule):
         train: the training split: the source then the target (:meth:`DomainData.combined`),
             each sample's domain in ``train.data.domains`` and its context (the domain, or an
             ablation's) in ``train.contexts``.
-        val, test_views, eval_batch_size, num_workers, val_views: as for
-            :class:`ContextDataModule`.
-        batch_size: source samples per training batch (n_s).
+        val, test_views: as for :class:`ContextDataModule`.
         uratio: target samples per source sample in a batch.
+        loading: the keyword arguments of :class:`ContextDataModule`; its ``batch_size`` is
+            the source samples per training batch (n_s).
 
     Raises:
         ValueError: a training split without domains, without target (or source) samples, or
@@ -198,21 +199,10 @@ class DomainAdaptationDataModule(ContextDataModule):
         val: ContextSplit,
         test_views: Mapping[str, ContextSplit],
         *,
-        batch_size: int,
         uratio: int,
-        eval_batch_size: int,
-        num_workers: int = 0,
-        val_views: Mapping[str, ContextSplit] | None = None,
+        **loading: Any,
     ) -> None:
-        super().__init__(
-            train,
-            val,
-            test_views,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            val_views=val_views,
-        )
+        super().__init__(train, val, test_views, **loading)
         domains = train.data.domains
         if domains is None:
             raise ValueError(
@@ -228,7 +218,9 @@ class DomainAdaptationDataModule(ContextDataModule):
             )
         source = torch.nonzero(domains == SOURCE_DOMAIN).flatten()
         target = torch.nonzero(domains == TARGET_DOMAIN).flatten()
-        self.sampler = PairedDomainBatches(source, target, batch_size, batch_size * uratio)
+        self.sampler = PairedDomainBatches(
+            source, target, self.batch_size, self.batch_size * uratio
+        )
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(

@@ -8,7 +8,7 @@ classifier, and no context (the layers' posterior mixture).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ from torchmetrics.classification import (
 )
 
 import contextnorm as cn
-from contextnorm.config import ConfigError, ContextConfig, TrainConfig
+from contextnorm.config import ConfigError, ContextConfig, MethodConfig, TrainConfig
 from contextnorm.contexts import CONTEXTS, ContextPredictor, label_derived
 from contextnorm.metrics import MetricSpec, ReportSpec, ViewSpec
 from contextnorm.registry import UnknownNameError
@@ -40,6 +40,7 @@ from contextnorm.tasks.data import (
     context_names,
     fit_contexts,
     load_splits,
+    loading_options,
     per_method_contexts,
     reference_options,
 )
@@ -173,6 +174,14 @@ class ClassificationModule(TaskModule):
         self.val_view_losses = nn.ModuleDict({view: MeanMetric() for view in self.val_views})
         self.test_losses = nn.ModuleDict({view: MeanMetric() for view in self.test_views})
 
+    def evaluation_inputs(
+        self, images: torch.Tensor, contexts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 ``images`` and their ``contexts`` as ``self(images, contexts)`` takes them in
+        evaluation: on the module's device, the images normalised and not augmented."""
+        images = self.preprocess(images.to(self.device), augment=False)
+        return images, contexts.to(self.device)
+
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         images, *rest = batch
         return (self.preprocess(images, augment=self.trainer.training), *rest)
@@ -235,11 +244,20 @@ class ClassificationModule(TaskModule):
 
 
 def tested_views(
-    trainer: L.Trainer, module: ClassificationModule, datamodule: L.LightningDataModule
+    trainer: L.Trainer,
+    module: ClassificationModule,
+    datamodule: L.LightningDataModule,
+    views: Iterable[str],
+    untested_as: str,
 ) -> dict[str, dict[str, float]]:
-    """Test ``module`` on every test view of ``datamodule``: view -> metric -> value."""
+    """Test ``module`` on its test views (``module.test_views``, the loaders of
+    ``datamodule``): view -> metric -> value for every view of ``views``.
+
+    A model without context layers is tested on fewer views, since the contexts change nothing;
+    a view it was not tested on gets the numbers of the tested view ``untested_as``.
+    """
     outputs = trainer.test(module, datamodule=datamodule, verbose=False)
-    return {
+    tested = {
         view: {
             key.removeprefix(f"test/{view}/"): float(value)
             for key, value in output.items()
@@ -247,6 +265,7 @@ def tested_views(
         }
         for view, output in zip(module.test_views, outputs, strict=True)
     }
+    return {view: tested.get(view, tested[untested_as]) for view in views}
 
 
 @dataclass
@@ -366,16 +385,11 @@ class ClassificationTask(Task):
                 f"{100 * shared.prediction_accuracy:.2f} % of the test images. Models "
                 "without context layers ignore the context, so their views coincide."
             )
-        own = [
-            f"{method.display_name}: {_describe_contexts(contexts)}"
-            for method, contexts in zip(config.methods, self.contexts, strict=True)
-            if method.contexts is not None
-        ]
-        if own:
-            notes.append(
-                "Methods with contexts of their own are trained and tested with those, in every "
-                "view in place of the experiment's: " + "; ".join(own) + "."
-            )
+        notes += own_contexts_notes(
+            config.methods,
+            map(_describe_contexts, self.contexts),
+            ", in every view in place of the experiment's",
+        )
         return ReportSpec(
             about=[
                 f"data: {config.data.name}, {len(data)} training / {len(shared.val.data)} "
@@ -443,14 +457,12 @@ class ClassificationTask(Task):
 
     def datamodule(self, index: int, module: TaskModule) -> ContextDataModule:
         assert isinstance(module, ClassificationModule)
-        settings, contexts = self.config.train, self.contexts[index]
+        contexts = self.contexts[index]
         return ContextDataModule(
             contexts.train,
             contexts.val,
             {view: contexts.test[view] for view in module.test_views},
-            batch_size=settings.batch_size,
-            eval_batch_size=settings.eval_batch_size or settings.batch_size,
-            num_workers=settings.num_workers,
+            **loading_options(self.config.train),
         )
 
     def evaluate(
@@ -461,8 +473,7 @@ class ClassificationTask(Task):
         datamodule: L.LightningDataModule,
     ) -> dict[str, dict[str, float]]:
         assert isinstance(module, ClassificationModule)
-        tested = tested_views(trainer, module, datamodule)
-        return {view: tested.get(view, tested[module.test_views[0]]) for view in self.views}
+        return tested_views(trainer, module, datamodule, self.views, module.test_views[0])
 
     def held_out_batch(
         self, index: int, module: TaskModule, seed: int
@@ -472,17 +483,14 @@ class ClassificationTask(Task):
         assert isinstance(module, ClassificationModule)
         split = self.contexts[index].val
         chosen = split.choose(self.config.train.batch_size, seed)
-        images = module.preprocess(split.data.images[chosen].to(module.device), augment=False)
-        return images, split.contexts[chosen].to(module.device)
+        return module.evaluation_inputs(split.data.images[chosen], split.contexts[chosen])
 
     def probe(self, index: int, module: TaskModule, count: int, seed: int) -> Probe:
         assert isinstance(module, ClassificationModule)
         split = next(iter(self.contexts[index].test.values()))
         chosen = split.choose(count, seed)
-        images = module.preprocess(split.data.images[chosen].to(module.device), augment=False)
-        contexts = split.contexts[chosen]
-        module(images, contexts.to(module.device))
-        return Probe(contexts=contexts, labels=split.data.labels[chosen])
+        module(*module.evaluation_inputs(split.data.images[chosen], split.contexts[chosen]))
+        return Probe(contexts=split.contexts[chosen], labels=split.data.labels[chosen])
 
 
 def describe_contexts(config: ContextConfig, num_contexts: int, names: Sequence[str]) -> str:
@@ -495,6 +503,30 @@ def describe_contexts(config: ContextConfig, num_contexts: int, names: Sequence[
     if reference is not None or config.num_contexts is None:
         sizes = f"the group sizes of the {reference or 'experiment'}'s contexts"
     return f"random, K = {num_contexts}, drawn once per sample (seed {config.seed}) with {sizes}"
+
+
+def own_contexts_notes(
+    methods: Sequence[MethodConfig], described: Iterable[str], usage: str
+) -> list[str]:
+    """The report's note on the methods with contexts of their own, or none if no method has.
+
+    Args:
+        methods: ``config.methods``.
+        described: each method's contexts in words, in the order of ``methods``.
+        usage: how the task uses a method's own contexts, after "trained and tested with those".
+    """
+    own = [
+        f"{method.display_name}: {text}"
+        for method, text in zip(methods, described, strict=True)
+        if method.contexts is not None
+    ]
+    if not own:
+        return []
+    return [
+        f"Methods with contexts of their own are trained and tested with those{usage}: "
+        + "; ".join(own)
+        + "."
+    ]
 
 
 def _describe_contexts(contexts: PreparedContexts) -> str:

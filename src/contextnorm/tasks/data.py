@@ -19,7 +19,13 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from contextnorm.config import ConfigError, ContextConfig, DataConfig, ExperimentConfig
+from contextnorm.config import (
+    ConfigError,
+    ContextConfig,
+    DataConfig,
+    ExperimentConfig,
+    TrainConfig,
+)
 from contextnorm.contexts import CONTEXTS, ContextBuilder, build_contexts
 from contextnorm.data import ImageData, load_dataset
 from contextnorm.data.files import MissingFilesError
@@ -418,6 +424,16 @@ class ContextDataModule(L.LightningDataModule):
             self._loader(split, self.eval_batch_size, shuffle=False)
             for split in self.test_views.values()
         ]
+
+
+def loading_options(train: TrainConfig) -> dict[str, int]:
+    """The ``batch_size``, ``eval_batch_size`` (``batch_size`` unless set) and ``num_workers``
+    of ``train:``, the keyword arguments of :class:`ContextDataModule` it sets."""
+    return {
+        "batch_size": train.batch_size,
+        "eval_batch_size": train.eval_batch_size or train.batch_size,
+        "num_workers": train.num_workers,
+    }
 
 
 def split_loader(
