@@ -186,6 +186,27 @@ def test_cn_matches_per_context_loop(num_contexts: int) -> None:
     torch.testing.assert_close(x1.grad, x2.grad, atol=1e-9, rtol=1e-9)
 
 
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("channel_last", [False, True])
+def test_cn_training_gradients_without_affine_channel_last_and_an_absent_context(
+    affine: bool, channel_last: bool
+) -> None:
+    """Training CN with known ids runs one fused node: its hand-written backward is checked
+    with no affine parameters, on channel-last input, and with a context absent from the
+    batch (whose running statistics stay untouched)."""
+    torch.manual_seed(0)
+    layer = cn.ContextNorm(
+        C, 4, affine=affine, prior_scaling=True, channel_last=channel_last
+    ).double()
+    x = (torch.randn(6, 5, C) if channel_last else torch.randn(6, C, 5)).double()
+    context = torch.tensor([0, 2, 2, 0, 1, 0])
+    assert gradcheck_fresh(layer, x, context)
+    call(layer, x, context)
+    assert torch.equal(layer.running_mean[3], torch.zeros(C, dtype=torch.float64))
+    assert torch.equal(layer.running_var[3], torch.ones(C, dtype=torch.float64))
+    assert layer.num_batches_tracked.tolist() == [1, 1, 1, 0]
+
+
 def test_cn_running_statistics_per_context_and_absent_contexts_untouched() -> None:
     layer = cn.ContextNorm(C, 4, momentum=0.5)
     x = torch.randn(6, C, 3, 3) * 2 + 1

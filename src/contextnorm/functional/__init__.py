@@ -23,7 +23,7 @@ Shapes: ``x`` is (N, C), (N, C, *spatial) or, with ``channel_last=True``, (N, *,
 Internally it is viewed as (N, C, L) without copying where the layout allows.
 """
 
-from .context import context_affine, sample_log_posterior
+from .context import context_affine, context_batch_norm, sample_log_posterior
 from .mixture import (
     MixtureStats,
     batch_mixture_norm,
@@ -87,6 +87,7 @@ __all__ = [
     "batch_mixture_norm",
     "mixture_transform",
     "context_affine",
+    "context_batch_norm",
     "fit_diag_gmm",
     "kmeans_plus_plus",
     "match_components",

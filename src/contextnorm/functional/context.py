@@ -63,9 +63,11 @@ def context_affine(
 
 
 class _ContextAffine(torch.autograd.Function):
+    # On small inputs every tensor operation costs microseconds of dispatch, more than its
+    # arithmetic: forward and backward use as few operations as the math allows.
     @staticmethod
     def forward(ctx, x, ids, mean, var, eps, gain, weight, bias):  # type: ignore[override]
-        root = torch.rsqrt(var + eps)
+        root = (var + eps).rsqrt_()
         scale = root if gain is None else root * gain
         full_scale = scale if weight is None else scale * weight
         shift = (
@@ -73,40 +75,129 @@ class _ContextAffine(torch.autograd.Function):
             if bias is None
             else torch.addcmul(bias, mean, full_scale, value=-1.0)
         )
-        sample_scale = full_scale.index_select(0, ids)
+        sample_scale = full_scale.index_select(0, ids).unsqueeze(2)
         ctx.save_for_backward(x, ids, mean, root, scale, full_scale, sample_scale, weight)
         ctx.shapes = (
             None if weight is None else weight.dim(),
             None if bias is None else bias.dim(),
         )
-        return torch.addcmul(
-            shift.index_select(0, ids).unsqueeze(-1), x, sample_scale.unsqueeze(-1)
-        ).to(x.dtype)
+        # A product and an in-place sum: a broadcasting addcmul is several times slower on CPU.
+        y = torch.mul(x, sample_scale)
+        return y.add_(shift.index_select(0, ids).unsqueeze(2)).to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
         x, ids, mean, root, scale, full_scale, sample_scale, weight = ctx.saved_tensors
         weight_dim, bias_dim = ctx.shapes
-        with torch.autocast(x.device.type, enabled=False):
-            wide = grad.to(sample_scale.dtype)
-            grad_x = (
-                (wide * sample_scale.unsqueeze(-1)).to(x.dtype) if ctx.needs_input_grad[0] else None
-            )
-            per_sample = torch.stack(
-                (torch.einsum("ncl,ncl->nc", wide, x.to(wide.dtype)), wide.sum(2))
-            )
-            per_context = per_sample.new_zeros(2, *mean.shape).index_add_(1, ids, per_sample)
-            grad_full_scale = torch.addcmul(per_context[0], per_context[1], mean, value=-1.0)
-            grad_mean = -per_context[1] * full_scale
-            grad_weight = grad_bias = None
-            if weight_dim is not None:
-                grad_weight = grad_full_scale * scale
-                grad_weight = grad_weight.sum(0) if weight_dim == 1 else grad_weight
-                grad_scale = grad_full_scale * weight
-            else:
-                grad_scale = grad_full_scale
-            if bias_dim is not None:
-                grad_bias = per_context[1].sum(0) if bias_dim == 1 else per_context[1]
-            grad_var = (-0.5) * grad_scale * scale * root * root
+        wide = grad.to(sample_scale.dtype)
+        # One activation-sized buffer holds grad * x, then the input gradient: on large inputs a
+        # fresh allocation costs more than the arithmetic.
+        buffer = wide * x
+        per_sample = torch.stack((buffer.sum(2), wide.sum(2)))
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mul(wide, sample_scale, out=buffer).to(x.dtype)
+        grad_full_scale, grad_shift = per_sample.new_zeros(2, *mean.shape).index_add_(
+            1, ids, per_sample
+        )
+        grad_full_scale.addcmul_(grad_shift, mean, value=-1.0)
+        grad_mean = grad_shift * full_scale
+        grad_mean.neg_()
+        grad_weight = grad_bias = None
+        if weight_dim is not None:
+            grad_weight = grad_full_scale * scale
+            grad_weight = grad_weight.sum(0) if weight_dim == 1 else grad_weight
+            grad_scale = grad_full_scale * weight
+        else:
+            grad_scale = grad_full_scale
+        if bias_dim is not None:
+            grad_bias = grad_shift.sum(0) if bias_dim == 1 else grad_shift
+        # d full_scale / d var = -full_scale * root^2 / 2
+        grad_var = grad_scale.mul_(scale).mul_(root * root).mul_(-0.5)
         return grad_x, None, grad_mean, grad_var, None, None, grad_weight, grad_bias
+
+
+def context_batch_norm(
+    x: Tensor,
+    ids: Tensor,
+    num_contexts: int,
+    eps: float,
+    gain: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """CN in training: each sample normalised with the batch statistics of its context.
+
+    ``y[n] = weight[k] * gain[k] * (x[n] - mean[k]) / sqrt(var[k] + eps) + bias[k]`` with
+    ``k = ids[n]`` and ``mean``, ``var`` the mean and biased variance (K, C) of the
+    activations of context ``k`` in ``x`` (N, C, L). Returns ``(y, mean, var, count)``:
+    ``y`` in ``x``'s dtype, the statistics (without gradient) and the values per channel
+    behind them, ``count`` (K,), for the running estimates. ``gain`` (K, 1), ``weight`` and
+    ``bias`` (K, C) as in :func:`context_affine`.
+
+    The variance is a two-pass sum of squared deviations from the context's mean (as
+    BatchNorm's kernel computes it), in float32 for half-precision input. One autograd node
+    whose backward is BatchNorm's, per context: a small input is not dominated by the
+    bookkeeping of the dozens of autograd nodes the composition of :func:`sample_moments`,
+    :func:`pooled_moments` and :func:`context_affine` costs. Use those where the statistics
+    are shared across processes.
+    """
+    return _ContextBatchNorm.apply(x, ids, num_contexts, eps, gain, weight, bias)
+
+
+class _ContextBatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ids, num_contexts, eps, gain, weight, bias):  # type: ignore[override]
+        wide = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        positions = x.shape[2]
+        samples = wide.new_zeros(num_contexts).index_add_(0, ids, wide.new_ones(ids.shape))
+        count = samples * positions
+        # Empty contexts divide 0 by 1: mean 0 and variance 0, which the running update skips.
+        denominator = count.clamp_min(1.0).unsqueeze(1)
+        zeros = wide.new_zeros(num_contexts, x.shape[1])
+        mean = zeros.index_add(0, ids, wide.sum(2)).div_(denominator)
+        centred = wide - mean.index_select(0, ids).unsqueeze(2)
+        # A norm reduces without writing the squares: no activation-sized temporary.
+        squares = torch.linalg.vector_norm(centred, dim=2).square_()
+        var = zeros.index_add_(0, ids, squares).div_(denominator)
+        root = (var + eps).rsqrt_()
+        scale = root if gain is None else root * gain
+        full_scale = scale if weight is None else scale * weight
+        # The output reuses the centred values' memory; the backward recomputes them from x.
+        y = centred.mul_(full_scale.index_select(0, ids).unsqueeze(2))
+        if bias is not None:
+            y.add_(bias.index_select(0, ids).unsqueeze(2))
+        ctx.save_for_backward(x, ids, mean, root, scale, full_scale, weight, denominator)
+        ctx.mark_non_differentiable(mean, var, count)
+        return y.to(x.dtype), mean, var, count
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, _mean, _var, _count):  # type: ignore[override]
+        x, ids, mean, root, scale, full_scale, weight, denominator = ctx.saved_tensors
+        wide_grad = grad.to(mean.dtype)
+        wide = x.to(mean.dtype)
+        sample_mean = mean.index_select(0, ids).unsqueeze(2)
+        # One activation-sized buffer holds grad * (x - mean), then (x - mean) again, then the
+        # input gradient: on large inputs a fresh allocation costs more than the arithmetic.
+        buffer = torch.sub(wide, sample_mean).mul_(wide_grad)
+        per_sample = torch.stack((wide_grad.sum(2), buffer.sum(2)))
+        # Per context: the sums of the gradient and of the gradient times (x - mean).
+        grad_shift, grad_centred = per_sample.new_zeros(2, *mean.shape).index_add_(
+            1, ids, per_sample
+        )
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # BatchNorm's backward: full_scale * (dy - E[dy] - x_hat * E[dy * x_hat]), per
+            # context, as per-sample coefficients of dy, (x - mean) and 1.
+            slope = full_scale * root * root * grad_centred / denominator
+            offset = full_scale * grad_shift / denominator
+            coefficients = torch.stack((full_scale, slope.neg_(), offset.neg_()))
+            sample = coefficients.index_select(1, ids).unsqueeze(3)
+            centred = torch.sub(wide, sample_mean, out=buffer)
+            grad_x = centred.mul_(sample[1]).addcmul_(wide_grad, sample[0]).add_(sample[2])
+            grad_x = grad_x.to(x.dtype)
+        grad_weight = grad_centred * scale if ctx.needs_input_grad[5] else None
+        grad_bias = grad_shift if ctx.needs_input_grad[6] else None
+        return grad_x, None, None, None, None, grad_weight, grad_bias

@@ -375,13 +375,12 @@ def update_running_moments(
     cumulative average of ``momentum=None``). No value is read on the host.
     """
     with torch.no_grad():
-        present = count > 0
-        correction = torch.where(
-            count > 1, count / (count - 1).clamp_min(1.0), torch.ones_like(count)
+        # count / (count - 1) for count > 1, 1 for count 1; a group without data (count 0) gets
+        # rate 0, and lerp with weight 0 leaves its running statistics exactly as they were.
+        correction = count / (count - 1.0).clamp_min(1.0)
+        rate = (count > 0).to(running_mean.dtype) * (
+            momentum.reshape(-1) if isinstance(momentum, Tensor) else momentum
         )
-        rate = momentum.reshape(-1, 1) if isinstance(momentum, Tensor) else momentum
-        rate = rate * present.unsqueeze(1).to(running_mean.dtype)
-        running_mean.lerp_(batch_mean.detach().to(running_mean.dtype), rate)
-        running_var.lerp_(
-            (batch_var.detach() * correction.unsqueeze(1)).to(running_var.dtype), rate
-        )
+        rate = rate.unsqueeze(1)
+        running_mean.lerp_(batch_mean.to(running_mean.dtype), rate)
+        running_var.lerp_((batch_var * correction.unsqueeze(1)).to(running_var.dtype), rate)

@@ -137,20 +137,23 @@ class _ContextNormBase(NormBase):
             assignment = ContextAssignment.from_context(
                 context, x3.shape[0], self.num_contexts, x3.device, dtype, validate
             )
-            moments = F.sample_moments(x3) if self._needs_moments(assignment) else None
-            mean, var, count = self._context_statistics(x3, assignment, moments)
-            if self.training and self.estimate_prior:
-                self._update_prior(assignment, count)
-            values = x3 if moments is None else moments.values
-            ids = assignment.known_ids
-            if ids is not None:
-                y = F.context_affine(
-                    values, ids, mean, var, self.eps, self._gain(), self.weight, self.bias
-                )
-            else:
-                scale, shift = self._coefficients(mean, var, assignment, moments, x3.shape[2])
-                y = F.apply_sample_affine(values, scale, shift)
-            return restore(y.to(x.dtype))
+            return restore(self._normalize(x3, assignment).to(x.dtype))
+
+    def _normalize(self, x: Tensor, assignment: ContextAssignment) -> Tensor:
+        """The output (N, C, L) for the batch ``x`` (N, C, L), in the statistics' dtype or
+        ``x``'s."""
+        moments = F.sample_moments(x) if self._needs_moments(assignment) else None
+        mean, var, count = self._context_statistics(x, assignment, moments)
+        if self.training and self.estimate_prior:
+            self._update_prior(assignment, count)
+        values = x if moments is None else moments.values
+        ids = assignment.known_ids
+        if ids is not None:
+            return F.context_affine(
+                values, ids, mean, var, self.eps, self._gain(), self.weight, self.bias
+            )
+        scale, shift = self._coefficients(mean, var, assignment, moments, x.shape[2])
+        return F.apply_sample_affine(values, scale, shift)
 
     def _needs_moments(self, assignment: ContextAssignment) -> bool:
         return assignment.unknown is not None
@@ -313,6 +316,36 @@ class ContextNorm(RunningStatsMixin, _ContextNormBase):
     def _needs_moments(self, assignment: ContextAssignment) -> bool:
         return self._uses_batch_statistics() or assignment.unknown is not None
 
+    def _normalize(self, x: Tensor, assignment: ContextAssignment) -> Tensor:
+        ids = assignment.known_ids
+        if (
+            ids is None
+            or not self._uses_batch_statistics()
+            or self._statistics_group() is not None
+            or self._statistics_record is not None
+        ):
+            return super()._normalize(x, assignment)
+        # Known ids, this process's batch: one fused autograd node (F.context_batch_norm)
+        # instead of the composition of moments, pooling and affine map. Checks come first, so
+        # that a refused batch changes no state; the prior is updated before the gain is read,
+        # as in the composed path.
+        if self.training and assignment.checked and x.shape[2] == 1:
+            self._check_singletons(assignment, None)
+        if self.training and self.estimate_prior:
+            self._update_prior(assignment, None)
+        y, mean, var, count = F.context_batch_norm(
+            x, ids, self.num_contexts, self.eps, self._gain(), self.weight, self.bias
+        )
+        self._update_running_stats(mean, var, count)
+        return y
+
+    def _update_running_stats(self, mean: Tensor, var: Tensor, count: Tensor) -> None:
+        if self.training and self.track_running_stats:
+            momentum = self._running_momentum(count > 0)
+            F.update_running_moments(
+                self.running_mean, self.running_var, mean, var, count, momentum
+            )
+
     def _context_statistics(
         self, x: Tensor, assignment: ContextAssignment, moments: F.Moments | None
     ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -332,19 +365,15 @@ class ContextNorm(RunningStatsMixin, _ContextNormBase):
         mean, var, count = self._batch_statistics(assignment, moments, positions)
         if checked and positions == 1:
             self._check_singletons(assignment, count)
-        if self.training and self.track_running_stats:
-            momentum = self._running_momentum(count > 0)
-            F.update_running_moments(
-                self.running_mean, self.running_var, mean, var, count, momentum
-            )
+        self._update_running_stats(mean, var, count)
         return mean, var, count
 
-    def _check_singletons(self, assignment: ContextAssignment, count: Tensor) -> None:
+    def _check_singletons(self, assignment: ContextAssignment, count: Tensor | None) -> None:
         """Refuse contexts with one value per channel: their variance is undefined.
 
         The checked context lists them for this process's batch; synchronised, the batch is
         every process's, so the reduced counts decide (one host read of K values, the same on
-        every process, so that all raise together).
+        every process, so that all raise together; ``count`` is only read then).
         """
         if self._statistics_group() is None:
             singletons = list(assignment.singletons)
