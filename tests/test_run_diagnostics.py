@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from contextnorm.cli import main
 from contextnorm.layers.diagnostics import train_eval_gap
 from contextnorm.metrics import mixture_layer_key, mixture_summary_key
 from contextnorm.runner import load_results, run_experiment, write_report
@@ -125,5 +126,20 @@ def test_the_table_shows_the_gap_and_na_for_a_result_of_an_earlier_version(finis
         # Such a result is not trained again.
         run_experiment(finished)
         assert "train_eval_gap" not in json.loads(path.read_text())
+        # `report --measure-layers` measures it from the checkpoint as training's end did; the
+        # runs that have it are left alone.
+        acn_path = run_directory(folder, "acn", finished.train.seeds[0]) / RESULT_FILE
+        acn_before = acn_path.read_text()
+        assert main(["report", str(folder), "--measure-layers"]) == 0
+        restored, expected = json.loads(path.read_text()), json.loads(original)
+        assert restored["train_eval_gap"]["median"] == pytest.approx(
+            expected["train_eval_gap"]["median"], rel=1e-5
+        )
+        assert (
+            restored["train_eval_gap"]["layers"].keys()
+            == expected["train_eval_gap"]["layers"].keys()
+        )
+        assert acn_path.read_text() == acn_before
+        assert headline_rows(write_report(folder).read_text())["bn"].split(" | ")[-2] != "n/a"
     finally:
         path.write_text(original)

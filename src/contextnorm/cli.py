@@ -85,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
         "report", help="rewrite results.md, results.csv and figures from saved results"
     )
     report.add_argument("results_dir", help="the output folder of an experiment")
+    report.add_argument(
+        "--measure-layers",
+        action="store_true",
+        help="first measure the train/eval gap and final mixtures of finished runs that have "
+        "none (runs of an earlier version), from their checkpoints",
+    )
     report.set_defaults(handler=_report)
 
     replicate = commands.add_parser(
@@ -140,6 +146,15 @@ def _run(arguments: argparse.Namespace) -> int:
 
 def _report(arguments: argparse.Namespace) -> int:
     from contextnorm.runner import headline_table, load_results, write_report
+
+    if arguments.measure_layers:
+        from pathlib import Path
+
+        from contextnorm.runner.diagnostics import measure_saved_runs
+
+        load_results(arguments.results_dir)  # a clear error for a folder that is not results
+        measured = measure_saved_runs(Path(arguments.results_dir))
+        print(f"Measured the norm layers of {measured} saved runs.")
 
     markdown = write_report(arguments.results_dir)
     print(headline_table(load_results(arguments.results_dir)))

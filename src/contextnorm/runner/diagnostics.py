@@ -17,6 +17,8 @@ never one per training step.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -116,3 +118,44 @@ def measure_train_eval_gap(
         "max": max(relative),
         "samples": len(batch[0]),
     }
+
+
+def measure_saved_runs(results_dir: Path, echo: Callable[[str], None] = print) -> int:
+    """Measure the layer diagnostics of finished runs that have none, from their checkpoints.
+
+    Runs finished before the train/eval gap and the final mixtures were recorded get them now:
+    each run's module is rebuilt from the folder's config, its last checkpoint loaded, and
+    :func:`final_mixtures` and :func:`measure_train_eval_gap` measured as at the end of
+    training. The per-epoch mixture usage cannot be recovered. Returns how many runs were
+    measured.
+    """
+    from contextnorm.runner.experiment import prepare_experiment
+    from contextnorm.runner.folder import RESULT_FILE, RunRecord, read_config, run_directory
+    from contextnorm.runner.trainer import last_checkpoint
+
+    config = read_config(results_dir)
+    pending = [
+        (index, seed, run_directory(results_dir, method.display_name, seed))
+        for index, method in enumerate(config.methods)
+        for seed in config.train.seeds
+    ]
+    pending = [
+        (index, seed, run_dir)
+        for index, seed, run_dir in pending
+        if (run_dir / RESULT_FILE).is_file()
+        and RunRecord.load(run_dir / RESULT_FILE).finished
+        and RunRecord.load(run_dir / RESULT_FILE).train_eval_gap is None
+    ]
+    if not pending:
+        return 0
+    task = prepare_experiment(config)
+    for index, seed, run_dir in pending:
+        record = RunRecord.load(run_dir / RESULT_FILE)
+        module = task.build_module(index)
+        checkpoint = torch.load(last_checkpoint(run_dir), map_location="cpu", weights_only=False)
+        module.load_state_dict(checkpoint["state_dict"])
+        record.mixture = final_mixtures(module)
+        record.train_eval_gap = measure_train_eval_gap(task, index, module, seed)
+        record.save(run_dir)
+        echo(f"measured {config.methods[index].display_name} seed {seed}")
+    return len(pending)
