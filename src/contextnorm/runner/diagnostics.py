@@ -126,8 +126,8 @@ def measure_saved_runs(results_dir: Path, echo: Callable[[str], None] = print) -
     Runs finished before the train/eval gap and the final mixtures were recorded get them now:
     each run's module is rebuilt from the folder's config, its last checkpoint loaded, and
     :func:`final_mixtures` and :func:`measure_train_eval_gap` measured as at the end of
-    training. The per-epoch mixture usage cannot be recovered. Returns how many runs were
-    measured.
+    training. Runs whose checkpoint is gone are left as they are. The per-epoch mixture usage
+    cannot be recovered. Returns how many runs were measured.
     """
     from contextnorm.runner.experiment import prepare_experiment
     from contextnorm.runner.folder import RESULT_FILE, RunRecord, read_config, run_directory
@@ -145,6 +145,7 @@ def measure_saved_runs(results_dir: Path, echo: Callable[[str], None] = print) -
         if (run_dir / RESULT_FILE).is_file()
         and RunRecord.load(run_dir / RESULT_FILE).finished
         and RunRecord.load(run_dir / RESULT_FILE).train_eval_gap is None
+        and last_checkpoint(run_dir).is_file()
     ]
     if not pending:
         return 0
