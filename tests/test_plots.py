@@ -18,6 +18,7 @@ from contextnorm.runner.plots import (
     plot_curves,
     plot_feature_projection,
     plot_metric_summary,
+    plot_mixture_usage,
 )
 from contextnorm.tasks import Probe, TaskModule
 
@@ -183,3 +184,11 @@ def test_a_report_spec_with_further_curve_figures_round_trips() -> None:
         curve_figures={"gradients": [MetricSpec("grad/max", "max gradient", lower=0.0)]},
     )
     assert ReportSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+
+
+def test_mixture_usage_of_runs_without_per_epoch_records_draws_the_final_weights(tmp_path) -> None:
+    # Runs saved before the usage was logged per epoch: the weights panels alone, no crash.
+    histories = {"acn": [[{"epoch": 0, "train/loss": 1.0}], [{"epoch": 0, "train/loss": 0.9}]]}
+    weights = {"acn": (0, {"layer1": [0.2, 0.8], "layer2": [0.5, 0.5]})}
+    path = plot_mixture_usage(histories, {"acn": 2}, weights, tmp_path / "mixture_usage.png")
+    assert path.is_file() and path.stat().st_size > 0

@@ -337,14 +337,12 @@ def plot_activation_histograms(
 
 def _diverged_panel(axis: Axes, what: str) -> None:
     """A diverged run still gets its panel, saying why it is empty."""
-    axis.text(
-        0.5,
-        0.5,
-        f"no finite {what}\n(the run diverged)",
-        ha="center",
-        va="center",
-        transform=axis.transAxes,
-    )
+    _empty_panel(axis, f"no finite {what}\n(the run diverged)")
+
+
+def _empty_panel(axis: Axes, why: str) -> None:
+    """A panel with nothing to draw says why."""
+    axis.text(0.5, 0.5, why, ha="center", va="center", transform=axis.transAxes)
 
 
 def _context_name(context: int, names: Sequence[str]) -> str:
@@ -528,9 +526,15 @@ def plot_mixture_usage(
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_title(f"{method} (seed {seed}): final weights per layer", fontsize="medium")
         axis.legend(fontsize="x-small", loc="lower right")
-    figure.suptitle(
-        "Mixture layers' use of their components (running averages over training batches); "
-        f"mean over seeds, band: ± sample std ({_seed_counts(counts)} per method)",
-        fontsize="medium",
-    )
+    if counts:
+        title = (
+            "Mixture layers' use of their components (running averages over training batches); "
+            f"mean over seeds, band: ± sample std ({_seed_counts(counts)} per method)"
+        )
+    else:
+        # Runs saved before the usage was logged per epoch keep only their final weights.
+        title = "Mixture layers' final weights (these runs recorded no per-epoch usage)"
+        for column in range(len(quantities)):
+            _empty_panel(figure.axes[column], "no per-epoch record in these runs")
+    figure.suptitle(title, fontsize="medium")
     return _save(figure, path)
