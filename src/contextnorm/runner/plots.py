@@ -523,7 +523,11 @@ def plot_mixture_usage(
         axis.set_ylim(0.0, 1.0)
         axis.set_xlabel("mixture layer (forward order)")
         axis.set_ylabel("mixture weight")
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        # Every layer numbered when there are few; a locator would put ticks between them.
+        if len(positions) <= 12:
+            axis.set_xticks(positions)
+        else:
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_title(f"{method} (seed {seed}): final weights per layer", fontsize="medium")
         axis.legend(fontsize="x-small", loc="lower right")
     if counts:
