@@ -545,3 +545,18 @@ def test_reset_running_stats_and_reset_parameters_mean_what_batchnorm_means(
         if not random_start:
             assert torch.equal(dict(layer.named_parameters())[key], value), key
     assert str(C) in layer.extra_repr()
+
+
+@pytest.mark.parametrize("name", ["cnx", "cne"])
+def test_a_context_first_seen_in_a_second_forward_leaves_the_first_backward_intact(
+    name: str,
+) -> None:
+    # AdaMatch's pattern: two forwards (source, then target) before one backward; the target's
+    # context starts from its first batch in between, writing its row of the statistics.
+    torch.manual_seed(0)
+    layer = {"cnx": cn.ContextNormX, "cne": cn.ContextNormE}[name](C, 2).double().train()
+    x = torch.randn(8, C, 3, dtype=torch.float64, requires_grad=True)
+    first = call(layer, x[:4], torch.zeros(4, dtype=torch.long))
+    second = call(layer, x[4:], torch.ones(4, dtype=torch.long))
+    (first.square().sum() + second.square().sum()).backward()
+    assert torch.isfinite(x.grad).all() and x.grad[:4].abs().sum() > 0

@@ -433,9 +433,14 @@ class _LearnedStatisticsBase(_ContextNormBase):
                 self._initialize(mean, var.clamp_min(self.eps).sqrt(), count)
             if not torch.compiler.is_compiling():
                 self._refresh_init_pending()
+            # A later forward before this one's backward may start another context, writing
+            # its row in place (AdaMatch runs the source alone, then source and target): this
+            # forward's graph must not hold the parameters themselves.
+            return (*self._learned_statistics(copy=True), count)
         return (*self._learned_statistics(), count)
 
-    def _learned_statistics(self) -> tuple[Tensor, Tensor]:
+    def _learned_statistics(self, copy: bool = False) -> tuple[Tensor, Tensor]:
+        """Mean and variance (K, C); ``copy``: computed from copies of the parameters."""
         raise NotImplementedError
 
     def _initialize(self, mean: Tensor, std: Tensor, count: Tensor) -> None:
@@ -540,9 +545,12 @@ class ContextNormX(_LearnedStatisticsBase):
             )
             self.initialized.logical_or_(new.squeeze(1))
 
-    def _learned_statistics(self) -> tuple[Tensor, Tensor]:
-        std = self.std
-        return self.mean, std * std
+    def _learned_statistics(self, copy: bool = False) -> tuple[Tensor, Tensor]:
+        mean, raw_std = (
+            (self.mean.clone(), self.raw_std.clone()) if copy else (self.mean, self.raw_std)
+        )
+        std = nnf.softplus(raw_std)
+        return mean, std * std
 
     def _extra_repr_parts(self) -> list[str]:
         return [] if self.data_init else ["data_init=False"]
@@ -655,7 +663,9 @@ class ContextNormE(_LearnedStatisticsBase):
         std = nnf.softplus(self.std_encoder(encoding))
         return self.mean_encoder(encoding), std * std
 
-    def _learned_statistics(self) -> tuple[Tensor, Tensor]:
+    def _learned_statistics(self, copy: bool = False) -> tuple[Tensor, Tensor]:
+        # The tables are new tensors (a transpose plus the bias): nothing here saves the
+        # parameters that the data-dependent start writes, with or without ``copy``.
         std = nnf.softplus(self._context_table(self.std_encoder))
         return self._context_table(self.mean_encoder), std * std
 
