@@ -310,7 +310,9 @@ def _published_cells(
     if method.label == results.config.baseline or reference is None:
         return [f"{value:g}", ""]
     cell = f"{value:g} ({value - reference:+.2f})"
-    here = difference(results, method, column.view, spec.key) if method.finished() else None
+    if not method.finished():
+        return [cell, "diverged here" if method.records else "not run here"]
+    here = difference(results, method, column.view, spec.key)
     if here is None:
         return [cell, "not run here"]
     return [cell, verdict(value, reference, here)]
