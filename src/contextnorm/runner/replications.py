@@ -249,8 +249,10 @@ def _section(entry: Replication, results: ExperimentResults | None, link: Path) 
         return "\n".join(lines)
     lines += ["", *[f"- {line}" for line in results.spec.about], ""]
     lines += [_table(entry, results), ""]
-    figure = link / "test_accuracy.png"
-    if (results.results_dir / "test_accuracy.png").is_file():
+    # The report's figure of the headline metric (test_accuracy.png, test_fid.png, ...).
+    name = f"test_{results.spec.headline.key}.png"
+    figure = link / name
+    if (results.results_dir / name).is_file():
         lines += [f"![{entry.name}: test metric by method]({figure})", ""]
     lines += [
         f"All metrics, curves and figures: [{entry.name}/results.md]({link / 'results.md'}). "
