@@ -134,24 +134,19 @@ def measure_saved_runs(results_dir: Path, echo: Callable[[str], None] = print) -
     from contextnorm.runner.trainer import last_checkpoint
 
     config = read_config(results_dir)
-    pending = [
-        (index, seed, run_directory(results_dir, method.display_name, seed))
-        for index, method in enumerate(config.methods)
-        for seed in config.train.seeds
-    ]
-    pending = [
-        (index, seed, run_dir)
-        for index, seed, run_dir in pending
-        if (run_dir / RESULT_FILE).is_file()
-        and RunRecord.load(run_dir / RESULT_FILE).finished
-        and RunRecord.load(run_dir / RESULT_FILE).train_eval_gap is None
-        and last_checkpoint(run_dir).is_file()
-    ]
+    pending = []
+    for index, method in enumerate(config.methods):
+        for seed in config.train.seeds:
+            run_dir = run_directory(results_dir, method.display_name, seed)
+            if not (run_dir / RESULT_FILE).is_file() or not last_checkpoint(run_dir).is_file():
+                continue
+            record = RunRecord.load(run_dir / RESULT_FILE)
+            if record.finished and record.train_eval_gap is None:
+                pending.append((index, seed, run_dir, record))
     if not pending:
         return 0
     task = prepare_experiment(config)
-    for index, seed, run_dir in pending:
-        record = RunRecord.load(run_dir / RESULT_FILE)
+    for index, seed, run_dir, record in pending:
         module = task.build_module(index)
         checkpoint = torch.load(last_checkpoint(run_dir), map_location="cpu", weights_only=False)
         module.load_state_dict(checkpoint["state_dict"])
