@@ -47,6 +47,7 @@ from .moments import (
     affine_coefficients,
     apply_sample_affine,
     as_ncl,
+    cast,
     group_moments,
     group_sums,
     packed_moments,
@@ -62,6 +63,7 @@ from .sync import agree_across_processes, all_reduce_sum, synced_pooled_moments
 __all__ = [
     "as_ncl",
     "statistics_dtype",
+    "cast",
     "without_autocast",
     "Moments",
     "sample_moments",

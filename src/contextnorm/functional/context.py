@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .moments import cast, statistics_dtype
+
 
 def sample_log_posterior(
     mean: Tensor,
@@ -83,21 +85,21 @@ class _ContextAffine(torch.autograd.Function):
         )
         # A product and an in-place sum: a broadcasting addcmul is several times slower on CPU.
         y = torch.mul(x, sample_scale)
-        return y.add_(shift.index_select(0, ids).unsqueeze(2)).to(x.dtype)
+        return cast(y.add_(shift.index_select(0, ids).unsqueeze(2)), x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
         x, ids, mean, root, scale, full_scale, sample_scale, weight = ctx.saved_tensors
         weight_dim, bias_dim = ctx.shapes
-        wide = grad.to(sample_scale.dtype)
+        wide = cast(grad, sample_scale.dtype)
         # One activation-sized buffer holds grad * x, then the input gradient: on large inputs a
         # fresh allocation costs more than the arithmetic.
         buffer = wide * x
         per_sample = torch.stack((buffer.sum(2), wide.sum(2)))
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mul(wide, sample_scale, out=buffer).to(x.dtype)
+            grad_x = cast(torch.mul(wide, sample_scale, out=buffer), x.dtype)
         grad_full_scale, grad_shift = per_sample.new_zeros(2, *mean.shape).index_add_(
             1, ids, per_sample
         )
@@ -149,7 +151,7 @@ def context_batch_norm(
 class _ContextBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ids, num_contexts, eps, gain, weight, bias):  # type: ignore[override]
-        wide = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        wide = cast(x, statistics_dtype(x.dtype))
         positions = x.shape[2]
         samples = wide.new_zeros(num_contexts).index_add_(0, ids, wide.new_ones(ids.shape))
         count = samples * positions
@@ -170,14 +172,14 @@ class _ContextBatchNorm(torch.autograd.Function):
             y.add_(bias.index_select(0, ids).unsqueeze(2))
         ctx.save_for_backward(x, ids, mean, root, scale, full_scale, weight, denominator)
         ctx.mark_non_differentiable(mean, var, count)
-        return y.to(x.dtype), mean, var, count
+        return cast(y, x.dtype), mean, var, count
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad, _mean, _var, _count):  # type: ignore[override]
         x, ids, mean, root, scale, full_scale, weight, denominator = ctx.saved_tensors
-        wide_grad = grad.to(mean.dtype)
-        wide = x.to(mean.dtype)
+        wide_grad = cast(grad, mean.dtype)
+        wide = cast(x, mean.dtype)
         sample_mean = mean.index_select(0, ids).unsqueeze(2)
         # One activation-sized buffer holds grad * (x - mean), then (x - mean) again, then the
         # input gradient: on large inputs a fresh allocation costs more than the arithmetic.
@@ -197,7 +199,7 @@ class _ContextBatchNorm(torch.autograd.Function):
             sample = coefficients.index_select(1, ids).unsqueeze(3)
             centred = torch.sub(wide, sample_mean, out=buffer)
             grad_x = centred.mul_(sample[1]).addcmul_(wide_grad, sample[0]).add_(sample[2])
-            grad_x = grad_x.to(x.dtype)
+            grad_x = cast(grad_x, x.dtype)
         grad_weight = grad_centred * scale if ctx.needs_input_grad[5] else None
         grad_bias = grad_shift if ctx.needs_input_grad[6] else None
         return grad_x, None, None, None, None, grad_weight, grad_bias

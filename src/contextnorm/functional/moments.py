@@ -77,6 +77,12 @@ def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)``, skipped when ``x`` has that dtype: on small tensors even a no-op
+    conversion costs microseconds of dispatch, and the layers convert on every call."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def without_autocast(x: Tensor) -> contextlib.AbstractContextManager:
     """A block in which autocast does not lower operations on ``x``'s device (``@``, ``einsum``).
 
@@ -119,7 +125,7 @@ def _moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Mean, variance and the values in the statistics dtype (``x`` itself when it has that
     dtype)."""
     n, c, length = x.shape
-    wide = x.to(statistics_dtype(x.dtype))
+    wide = cast(x, statistics_dtype(x.dtype))
     if wide.numel() == 0:
         empty = wide.new_zeros(n, c)
         return empty, empty.clone(), wide
@@ -164,7 +170,7 @@ class _SampleMoments(torch.autograd.Function):
             slope = (2.0 / positions) * grad_var
             offset = grad_mean / positions - slope * mean
             grad = torch.addcmul(offset.unsqueeze(-1), x, slope.unsqueeze(-1))
-            return grad.add_(grad_values).to(x.dtype)
+            return cast(grad.add_(grad_values), x.dtype)
 
 
 class GroupSums(NamedTuple):
@@ -334,7 +340,7 @@ def apply_sample_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
 
 
 def _affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    return torch.addcmul(shift.unsqueeze(-1), x, scale.unsqueeze(-1)).to(x.dtype)
+    return cast(torch.addcmul(shift.unsqueeze(-1), x, scale.unsqueeze(-1)), x.dtype)
 
 
 class _SampleAffine(torch.autograd.Function):
@@ -351,11 +357,11 @@ class _SampleAffine(torch.autograd.Function):
         x, scale = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):
             wide = statistics_dtype(x.dtype)
-            wide_grad, wide_x = grad.to(wide), x.to(wide)
-            grad_scale = torch.einsum("ncl,ncl->nc", wide_grad, wide_x).to(scale.dtype)
-            grad_shift = wide_grad.sum(2).to(scale.dtype)
+            wide_grad, wide_x = cast(grad, wide), cast(x, wide)
+            grad_scale = cast(torch.einsum("ncl,ncl->nc", wide_grad, wide_x), scale.dtype)
+            grad_shift = cast(wide_grad.sum(2), scale.dtype)
             grad_x = (
-                (wide_grad * scale.unsqueeze(-1)).to(x.dtype) if ctx.needs_input_grad[0] else None
+                cast(wide_grad * scale.unsqueeze(-1), x.dtype) if ctx.needs_input_grad[0] else None
             )
         return grad_x, grad_scale, grad_shift
 
@@ -377,10 +383,10 @@ def update_running_moments(
     with torch.no_grad():
         # count / (count - 1) for count > 1, 1 for count 1; a group without data (count 0) gets
         # rate 0, and lerp with weight 0 leaves its running statistics exactly as they were.
+        dtype = running_mean.dtype
         correction = count / (count - 1.0).clamp_min(1.0)
-        rate = (count > 0).to(running_mean.dtype) * (
-            momentum.reshape(-1) if isinstance(momentum, Tensor) else momentum
-        )
-        rate = rate.unsqueeze(1)
-        running_mean.lerp_(batch_mean.to(running_mean.dtype), rate)
-        running_var.lerp_((batch_var * correction.unsqueeze(1)).to(running_var.dtype), rate)
+        if isinstance(momentum, Tensor):
+            momentum = momentum.reshape(-1, 1)
+        rate = (count > 0).unsqueeze(1).to(dtype).mul_(momentum)
+        running_mean.lerp_(cast(batch_mean, dtype), rate)
+        running_var.lerp_(cast(batch_var * correction.unsqueeze(1), dtype), rate)

@@ -239,7 +239,7 @@ class RunningStatsMixin:
 
         ``momentum=None`` is BatchNorm's cumulative average, ``1 / batches counted``, per group.
         """
-        self.num_batches_tracked.add_(present.to(self.num_batches_tracked.dtype))
+        self.num_batches_tracked.add_(present)
         momentum = self.momentum  # type: ignore[attr-defined]
         if momentum is not None:
             return momentum

@@ -137,7 +137,7 @@ class _ContextNormBase(NormBase):
             assignment = ContextAssignment.from_context(
                 context, x3.shape[0], self.num_contexts, x3.device, dtype, validate
             )
-            return restore(self._normalize(x3, assignment).to(x.dtype))
+            return restore(F.cast(self._normalize(x3, assignment), x.dtype))
 
     def _normalize(self, x: Tensor, assignment: ContextAssignment) -> Tensor:
         """The output (N, C, L) for the batch ``x`` (N, C, L), in the statistics' dtype or
