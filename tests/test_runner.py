@@ -25,7 +25,7 @@ from contextnorm.methods import METHODS, BatchNorm, NormMethod
 from contextnorm.metrics import MetricSpec, ReportSpec, ViewSpec, paired_difference
 from contextnorm.runner import load_results, run_experiment
 from contextnorm.runner.callbacks import EpochHistory
-from contextnorm.runner.fingerprint import differences, run_settings
+from contextnorm.runner.fingerprint import code_version, differences, run_settings
 from contextnorm.runner.progress import Progress, RunProgressBar
 from contextnorm.runner.trainer import build_trainer, last_checkpoint
 from contextnorm.tasks import Selection
@@ -207,6 +207,46 @@ def test_changed_figure_settings_redraw_the_figures_from_the_checkpoint(tmp_path
     with np.load(run_dir / "activations.npz") as arrays:
         assert int(arrays["channel"]) == 3
     assert load_results(results_dir).config.plots.channel == 3
+
+
+@pytest.mark.slow
+def test_runs_record_their_code_and_reuse_code_trains_runs_of_other_code_again(tmp_path) -> None:
+    results_dir = tmp_path / "results"
+    run_dir = results_dir / "runs" / "bn" / "seed-0"
+    run_experiment(tiny_config(tmp_path, "methods=[bn]"))
+    current = code_version()
+    assert json.loads((run_dir / "result.json").read_text(encoding="utf-8"))["code"] == current
+    assert json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["code"] == current
+    assert f"contextnorm {current}, every run (1)" in (results_dir / "results.md").read_text(
+        encoding="utf-8"
+    )
+    # The run as an earlier version of the code would have left it.
+    for name in ("result.json", "run.json"):
+        stored = json.loads((run_dir / name).read_text(encoding="utf-8"))
+        atomic_write_json(run_dir / name, {**stored, "code": "0.0.9+earlier"})
+    old = (run_dir / "result.json").read_text(encoding="utf-8")
+
+    lines: list[str] = []
+    run_experiment(tiny_config(tmp_path, "methods=[bn]", "train.progress=run"), echo=lines.append)
+    assert any(f"reused, made with code 0.0.9+earlier, not {current}" in line for line in lines)
+    assert (run_dir / "result.json").read_text(encoding="utf-8") == old
+
+    lines.clear()
+    run_experiment(
+        tiny_config(tmp_path, "methods=[bn]", "train.progress=run", "reuse=code"),
+        echo=lines.append,
+    )
+    aside = results_dir / "stale" / "0.0.9+earlier" / "bn" / "seed-0"
+    assert (aside / "result.json").read_text(encoding="utf-8") == old  # kept, not deleted
+    assert any("made with code 0.0.9+earlier" in line and str(aside) in line for line in lines)
+    record = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
+    assert record["code"] == current and record["resumed_after_epochs"] == 0
+    assert not any("reused" in line for line in lines)
+
+
+def test_reuse_names_its_choices() -> None:
+    with pytest.raises(ConfigError, match="reuse.*settings, code"):
+        tiny_config(Path("unused"), "reuse=always").check()
 
 
 # --- interrupts and resumes --------------------------------------------------------------------

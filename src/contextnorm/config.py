@@ -49,6 +49,10 @@ def _execution(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
     return field(default=default, metadata={ROLE: EXECUTION}, **kwargs)
 
 
+REUSE_POLICIES = ("settings", "code")
+"""What a saved run must match to be reused: its settings, or its settings and code version."""
+
+
 class ConfigError(ValueError):
     """A config value or key is invalid; the message names the key and the fix."""
 
@@ -352,6 +356,10 @@ class ExperimentConfig:
         name: experiment name, shown in the results.
         output_dir: the results folder (``None``: ``runs/<name>``); finished runs in it are
             reused on a re-run, and methods run earlier stay in its tables.
+        reuse: what a saved run (result or checkpoint) must share with the run asked for to be
+            reused or resumed: ``settings`` (the default), or ``code``: the settings and the
+            code version (:func:`contextnorm.runner.fingerprint.code_version`); a run made with
+            other code is then trained again from the start.
         imports: Python modules imported before the experiment is built, so that the tasks,
             methods, models, data sets and context kinds they register can be named here.
         task: what is trained and measured; classification unless set.
@@ -359,6 +367,7 @@ class ExperimentConfig:
 
     name: str = _execution("experiment")
     output_dir: str | None = _execution(None)
+    reuse: str = _execution("settings")
     imports: list[str] = _execution(default_factory=list)
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -387,6 +396,12 @@ class ExperimentConfig:
         for method in self.methods:
             if method.contexts is not None:
                 method.contexts.check()
+        _require(
+            self.reuse in REUSE_POLICIES,
+            "reuse",
+            f"must be one of {', '.join(REUSE_POLICIES)}",
+            self.reuse,
+        )
         _require(len(self.methods) >= 1, "methods", "must list at least one method", self.methods)
         labels = [method.display_name for method in self.methods]
         duplicates = sorted({label for label in labels if labels.count(label) > 1})

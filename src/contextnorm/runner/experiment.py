@@ -20,7 +20,8 @@ from threadpoolctl import threadpool_limits
 from contextnorm.config import ConfigError, ExperimentConfig
 from contextnorm.layers.sync import check_synchronisable
 from contextnorm.metrics import MetricSpec
-from contextnorm.runner.folder import merge_with_folder, write_experiment
+from contextnorm.runner.fingerprint import code_version
+from contextnorm.runner.folder import merge_with_folder, set_aside_stale_runs, write_experiment
 from contextnorm.runner.progress import Progress
 from contextnorm.runner.report import write_report
 from contextnorm.runner.run import Interrupted, RunOutcome, is_main_process, run_single
@@ -122,6 +123,10 @@ def run_experiment(config: ExperimentConfig, *, echo: Echo = print) -> Path:
     try:
         with _cpu_threads(config.train.cpu_threads):
             task = prepare_experiment(config)
+            # Before any training: the processes of a multi-device run start at the first fit.
+            stale = (
+                set_aside_stale_runs(config) if config.reuse == "code" and is_main_process() else []
+            )
             merged, notes = merge_with_folder(config)
             spec = task.describe()
             info = {"name": config.name, "task": config.task.name, "report": spec.to_json()}
@@ -131,7 +136,7 @@ def run_experiment(config: ExperimentConfig, *, echo: Echo = print) -> Path:
                 f"{config.name}: {len(config.methods)} methods x {len(config.train.seeds)} "
                 f"seeds, {config.train.epochs} epochs each -> {results_dir}"
             )
-            for note in notes:
+            for note in [*stale, *notes]:
                 progress.say(note)
             for index in range(len(config.methods)):
                 for seed in config.train.seeds:
@@ -161,7 +166,14 @@ def _run_line(outcome: RunOutcome, headline: MetricSpec, position: int, total: i
     if not record.finished:
         return f"{counter} diverged in epoch {record.diverged_at} ({record.divergence})"
     value = next(iter(record.test.values()))[headline.key]
-    status = "reused" if outcome.reused else f"{record.time_per_epoch_s:.2f} s/epoch"
+    status = f"{record.time_per_epoch_s:.2f} s/epoch"
+    if outcome.reused:
+        current = code_version()
+        status = (
+            "reused"
+            if record.code == current
+            else f"reused, made with code {record.code or 'of an earlier version'}, not {current}"
+        )
     return f"{counter} test {headline.title} {value:.4f}  ({record.epochs} epochs, {status})"
 
 

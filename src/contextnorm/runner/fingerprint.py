@@ -6,13 +6,20 @@ Which values those are is read from the schema itself (``ROLE`` metadata of each
 ``contextnorm.config``): a new setting is part of every run's settings unless the schema says
 it only changes how a run executes. The settings are stored with each checkpoint and result
 as plain data, so a mismatch names each setting that differs and both of its values.
+
+The settings say what a run computes, not with which code: :func:`code_version` names the
+package source a run was made with, stored beside its settings, so that results made before
+a change of the code can be told apart (and re-run with ``reuse: code``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from contextnorm.config import CONTINUABLE_IF, CONTINUATION, EXECUTION, ROLE, ExperimentConfig
@@ -88,3 +95,21 @@ def differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[s
 
 def _show(value: Any, missing: object) -> str:
     return "(not set)" if value is missing else json.dumps(value)
+
+
+@functools.cache
+def code_version() -> str:
+    """The package version and a digest of its Python source, e.g. ``0.1.0+3fa9c2d1e0b4``.
+
+    Any edit of a module of the installed package changes the digest, whether or not it
+    changes what a run computes; modules named in a config's ``imports`` are not included.
+    """
+    import contextnorm  # the package itself, loaded by now: a module-level import would be circular
+
+    root = Path(contextnorm.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(b"\0")
+        digest.update(path.read_bytes())
+    return f"{contextnorm.__version__}+{digest.hexdigest()[:12]}"

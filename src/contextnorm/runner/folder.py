@@ -9,10 +9,12 @@
       *.png                        figures
       runs/<method>/seed-<seed>/
         result.json                the finished (or diverged) run, written atomically
-        run.json                   the settings its checkpoint belongs to
+        run.json                   the settings (and code version) its checkpoint belongs to
         checkpoints/last.ckpt      the latest finished epoch (resume point)
         activations.npz            recorded activations (first seed of each method)
         csv/, tensorboard/         Lightning's per-epoch logs
+      stale/<code version>/<method>/seed-<seed>/
+                                   runs made with other code, set aside by ``reuse: code``
 
 Nothing here imports torch or Lightning: the report reads folders with it alone.
 """
@@ -30,7 +32,7 @@ from typing import Any
 from contextnorm.config import ExperimentConfig, dump_config, parse_config, read_yaml
 from contextnorm.io import atomic_write_json, atomic_write_text
 from contextnorm.metrics import EpochRecord, ReportSpec, Summary, summarize
-from contextnorm.runner.fingerprint import Settings, differences, run_settings
+from contextnorm.runner.fingerprint import Settings, code_version, differences, run_settings
 
 CONFIG_FILE = "config.yaml"
 EXPERIMENT_FILE = "experiment.json"
@@ -40,6 +42,7 @@ ACTIVATIONS_FILE = "activations.npz"
 RESULTS_MARKDOWN = "results.md"
 RESULTS_CSV = "results.csv"
 RUNS_FOLDER = "runs"
+STALE_FOLDER = "stale"
 FINISHED = "finished"
 DIVERGED = "diverged"
 
@@ -83,6 +86,8 @@ class RunRecord:
         mixture: each mixture layer's name, weights and usage at the end of training, in
             forward order (``None`` without mixture layers); see
             :func:`contextnorm.runner.diagnostics.final_mixtures`.
+        code: the code version that made it (:func:`~contextnorm.runner.fingerprint.code_version`;
+            ``None``: a result of an earlier version, which did not record it).
         train_eval_gap: the norm layers' train/eval gap on a held-out batch after training,
             per layer and its median and maximum over layers (``None``: not measured, e.g. a
             result of an earlier version); see
@@ -107,6 +112,7 @@ class RunRecord:
     test: dict[str, dict[str, float]] = field(default_factory=dict)
     mixture: list[dict[str, Any]] | None = None
     train_eval_gap: dict[str, Any] | None = None
+    code: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -245,6 +251,39 @@ def _shared_settings(config: ExperimentConfig) -> Settings:
         for key, value in shared.items()
         if not key.startswith("method.") and key != "seed"
     }
+
+
+def set_aside_stale_runs(config: ExperimentConfig) -> list[str]:
+    """Move the config's runs made with other code out of the way, so that they train again.
+
+    A (method, seed) run folder whose result or checkpoint was made with another code version
+    than the running one (or before versions were recorded) moves, whole, to
+    ``stale/<its code version>/<method>/seed-<seed>``: nothing finished is deleted. Call it
+    before any training starts (and in one process only). Returns one line per moved run.
+    """
+    current = code_version()
+    moved = []
+    for method in config.methods:
+        for seed in config.train.seeds:
+            run_dir = run_directory(config.results_dir, method.display_name, seed)
+            records = [read_json(run_dir / name) for name in (RESULT_FILE, RUN_FILE)]
+            codes = {record.get("code") for record in records if record is not None}
+            if not codes or codes == {current}:
+                continue
+            made_with = next(iter(codes - {current}), None) or "unrecorded"
+            target = config.results_dir / STALE_FOLDER / made_with / run_dir.parent.name
+            target.mkdir(parents=True, exist_ok=True)
+            destination = target / run_dir.name
+            suffix = 1
+            while destination.exists():
+                suffix += 1
+                destination = target / f"{run_dir.name}.{suffix}"
+            run_dir.rename(destination)
+            moved.append(
+                f"{method.display_name} seed {seed}: made with code {made_with}, not "
+                f"{current}; moved to {destination} and trained again (reuse: code)"
+            )
+    return moved
 
 
 def merge_with_folder(config: ExperimentConfig) -> tuple[ExperimentConfig, list[str]]:

@@ -120,6 +120,23 @@ def _gap_cell(method: MethodResults) -> str:
     return f"{median.mean:.3g} ({largest.mean:.3g})"
 
 
+def code_versions(results: ExperimentResults) -> str:
+    """Which code versions made the runs in the tables, with how many runs each."""
+    counts: dict[str, int] = {}
+    for method in results.present():
+        for record in method.records:
+            version = record.code or "not recorded (an earlier version)"
+            counts[version] = counts.get(version, 0) + 1
+    if len(counts) == 1:
+        version, count = next(iter(counts.items()))
+        return f"contextnorm {version}, every run ({count})"
+    listed = ", ".join(f"{version} ({count} runs)" for version, count in sorted(counts.items()))
+    return (
+        f"runs made with {len(counts)} code versions: {listed}; `reuse=code` trains the runs "
+        "of another version than the one running again"
+    )
+
+
 def render_markdown(results: ExperimentResults, figures: Sequence[Path] = ()) -> str:
     """The text of ``results.md``."""
     config, spec = results.config, results.spec
@@ -128,6 +145,7 @@ def render_markdown(results: ExperimentResults, figures: Sequence[Path] = ()) ->
         f"# Results: {config.name}",
         "",
         *(f"- {line}" for line in spec.about),
+        f"- code: {code_versions(results)}",
         "- numbers: mean ± sample standard deviation (n - 1) over the seeds that finished"
         + ("; metrics in % where their values are shares" if percent else "")
         + ".",

@@ -22,7 +22,7 @@ from contextnorm.metrics import EpochRecord
 from contextnorm.runner.activations import ActivationSample, capture_activations
 from contextnorm.runner.callbacks import EpochHistory, InterruptWatch
 from contextnorm.runner.diagnostics import MixtureUsage, final_mixtures, measure_train_eval_gap
-from contextnorm.runner.fingerprint import Settings, differences, run_settings
+from contextnorm.runner.fingerprint import Settings, code_version, differences, run_settings
 from contextnorm.runner.folder import (
     ACTIVATIONS_FILE,
     DIVERGED,
@@ -109,7 +109,9 @@ def run_single(task: Task, index: int, seed: int, progress: Progress) -> RunOutc
 
     resume_from = _resume_point(run_dir, checkpoint_settings)
     if resume_from is None and is_main_process():
-        atomic_write_json(run_dir / RUN_FILE, {"settings": checkpoint_settings})
+        atomic_write_json(
+            run_dir / RUN_FILE, {"settings": checkpoint_settings, "code": code_version()}
+        )
 
     L.seed_everything(seed, workers=True, verbose=False)
     module = task.build_module(index)
@@ -130,6 +132,7 @@ def run_single(task: Task, index: int, seed: int, progress: Progress) -> RunOutc
         settings=settings,
         uses_context=module.uses_context,
         parameters=sum(parameter.numel() for parameter in module.parameters()),
+        code=code_version(),
     )
     with _quiet_lightning():
         trainer = build_trainer(
