@@ -127,6 +127,38 @@ def test_each_epoch_record_holds_what_that_epoch_logged_and_the_checkpoint_holds
     assert checkpoint["callbacks"]["EpochHistory"]["records"] == history.records
 
 
+class FixedGradient(L.LightningModule):
+    """One parameter whose gradient is 3 in each of its 4 entries (norm 6), at every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(4))
+
+    def training_step(self, batch, batch_idx):
+        return 3.0 * self.weight.sum() + 0.0 * batch[0].sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+
+@pytest.mark.parametrize(("clip", "step"), [(None, 6.0), (6.5, 6.0), (0.5, 0.5)])
+def test_gradient_clip_bounds_the_norm_of_each_step(tmp_path, clip, step) -> None:
+    trainer = build_trainer(
+        TrainConfig(epochs=1, gradient_clip=clip, accelerator="cpu", devices=1, progress="none"),
+        tmp_path,
+        seed=0,
+        selection=Selection("train/loss", "min"),
+        history=EpochHistory(),
+        callbacks=[],
+        progress_bar=False,
+    )
+    module = FixedGradient()
+    trainer.fit(module, DataLoader(TensorDataset(torch.zeros(1, 1)), batch_size=1))
+    # One SGD step of lr 1: the parameter moved by the (clipped) gradient's norm, and only
+    # a gradient above the bound is touched.
+    assert float(module.weight.detach().norm()) == pytest.approx(step)
+
+
 # --- results folders keep what they hold -------------------------------------------------------
 
 
