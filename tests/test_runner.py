@@ -77,6 +77,12 @@ def test_run_settings_come_from_the_schema_and_differences_name_both_values(tmp_
         "data.seed: 0 -> 3",
         "train.lr: 0.001 -> 0.01",
     ]
+    # An optional setting at its default is left out: the runs made before it existed match.
+    assert "train.gradient_clip" not in checkpoint
+    clipped, _ = run_settings(tiny_config(tmp_path, "train.gradient_clip=5"), 0, 0)
+    assert differences(run_settings(config, 0, 0)[0], clipped) == [
+        "train.gradient_clip: (not set) -> 5.0"
+    ]
 
 
 # --- the history of a run ---------------------------------------------------------------------

@@ -43,6 +43,9 @@ CONTINUATION = "continuation"
 """Role of settings under which a checkpoint can be continued; a finished result is not reused."""
 CONTINUABLE_IF = "continuable_if"
 """Metadata beside ``CONTINUATION``: a test on the field's section for when it holds."""
+OPTIONAL = "optional"
+"""Role of settings whose default computes what runs computed before the setting existed: left
+out of a run's settings at that default, so that adding one keeps the results already made."""
 
 
 def _execution(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
@@ -258,7 +261,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9
-    gradient_clip: float | None = None
+    gradient_clip: float | None = field(default=None, metadata={ROLE: OPTIONAL})
     schedule: str = "constant"
     early_stopping_patience: int | None = field(default=None, metadata={ROLE: CONTINUATION})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
