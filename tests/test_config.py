@@ -90,6 +90,7 @@ def test_repeated_method_rows_need_distinct_labels() -> None:
         ({"train": {"epochs": True}}, "train.epochs must be an integer"),
         ({"train": {"epochs": 0}}, "train.epochs must be a positive integer"),
         ({"train": {"lr": 0}}, "train.lr must be positive"),
+        ({"train": {"gradient_clip": 0}}, "train.gradient_clip must be positive or null"),
         ({"train": {"optimizer": "lamb"}}, "train.optimizer must be one of adamw, adam, sgd"),
         (
             {"train": {"schedule": "step"}},

@@ -472,6 +472,7 @@ def test_the_shipped_configs_hold_the_papers_settings(name):
         (["train.optimizer=sgd"], r"train.optimizer='sgd'.*set train.optimizer: adam"),
         (["train.schedule=cosine"], r"train.schedule='cosine'.*set train.schedule: constant"),
         (["data.val_fraction=0.1"], r"data.val_fraction=0.1.*set data.val_fraction: 0"),
+        (["train.gradient_clip=5"], r"train.gradient_clip=5.*set train.gradient_clip: null"),
         (["data.augment=crop_flip"], r"data.augment='crop_flip'.*set data.augment: none"),
         (["model.name=shallow_cnn"], r"model.name: unknown generator 'shallow_cnn'.*dcgan"),
         (["model.placement=input"], r"does not support placement mode 'input'"),

@@ -77,6 +77,12 @@ def test_run_settings_come_from_the_schema_and_differences_name_both_values(tmp_
         "data.seed: 0 -> 3",
         "train.lr: 0.001 -> 0.01",
     ]
+    # An optional setting at its default is left out: the runs made before it existed match.
+    assert "train.gradient_clip" not in checkpoint
+    clipped, _ = run_settings(tiny_config(tmp_path, "train.gradient_clip=5"), 0, 0)
+    assert differences(run_settings(config, 0, 0)[0], clipped) == [
+        "train.gradient_clip: (not set) -> 5.0"
+    ]
 
 
 # --- the history of a run ---------------------------------------------------------------------
@@ -125,6 +131,38 @@ def test_each_epoch_record_holds_what_that_epoch_logged_and_the_checkpoint_holds
     # The checkpoint written after the last epoch holds that epoch's complete record.
     checkpoint = torch.load(last_checkpoint(tmp_path), map_location="cpu", weights_only=False)
     assert checkpoint["callbacks"]["EpochHistory"]["records"] == history.records
+
+
+class FixedGradient(L.LightningModule):
+    """One parameter whose gradient is 3 in each of its 4 entries (norm 6), at every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(4))
+
+    def training_step(self, batch, batch_idx):
+        return 3.0 * self.weight.sum() + 0.0 * batch[0].sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+
+@pytest.mark.parametrize(("clip", "step"), [(None, 6.0), (6.5, 6.0), (0.5, 0.5)])
+def test_gradient_clip_bounds_the_norm_of_each_step(tmp_path, clip, step) -> None:
+    trainer = build_trainer(
+        TrainConfig(epochs=1, gradient_clip=clip, accelerator="cpu", devices=1, progress="none"),
+        tmp_path,
+        seed=0,
+        selection=Selection("train/loss", "min"),
+        history=EpochHistory(),
+        callbacks=[],
+        progress_bar=False,
+    )
+    module = FixedGradient()
+    trainer.fit(module, DataLoader(TensorDataset(torch.zeros(1, 1)), batch_size=1))
+    # One SGD step of lr 1: the parameter moved by the (clipped) gradient's norm, and only
+    # a gradient above the bound is touched.
+    assert float(module.weight.detach().norm()) == pytest.approx(step)
 
 
 # --- results folders keep what they hold -------------------------------------------------------

@@ -43,6 +43,9 @@ CONTINUATION = "continuation"
 """Role of settings under which a checkpoint can be continued; a finished result is not reused."""
 CONTINUABLE_IF = "continuable_if"
 """Metadata beside ``CONTINUATION``: a test on the field's section for when it holds."""
+OPTIONAL = "optional"
+"""Role of settings whose default computes what runs computed before the setting existed: left
+out of a run's settings at that default, so that adding one keeps the results already made."""
 
 
 def _execution(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
@@ -223,6 +226,12 @@ class TrainConfig:
         lr: initial learning rate.
         weight_decay: weight decay of the optimizer.
         momentum: momentum of ``sgd``.
+        gradient_clip: clip the L2 norm of all gradients together to this value before each
+            optimiser step (Lightning's ``gradient_clip_val`` with the ``norm`` algorithm);
+            ``None`` does not clip. A guard against gradient spikes for norms whose statistics
+            do not follow the activations (CN-X, CN-E), which let deep nets diverge at large
+            learning rates as nets without norms do. The generation task (a GAN, whose
+            optimisers are stepped by the task itself) refuses it.
         schedule: ``constant``, ``multistep`` (x0.1 at 50% and 75% of the epochs) or ``cosine``.
         early_stopping_patience: stop after this many epochs without an improvement of the
             task's selection metric (the validation loss for classification); ``None`` trains
@@ -256,6 +265,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9
+    gradient_clip: float | None = field(default=None, metadata={ROLE: OPTIONAL})
     schedule: str = "constant"
     early_stopping_patience: int | None = field(default=None, metadata={ROLE: CONTINUATION})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -285,6 +295,12 @@ class TrainConfig:
         _require(self.lr > 0, "train.lr", "must be positive", self.lr)
         _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0", self.weight_decay)
         _require(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)", self.momentum)
+        _require(
+            self.gradient_clip is None or self.gradient_clip > 0,
+            "train.gradient_clip",
+            "must be positive or null (no clipping)",
+            self.gradient_clip,
+        )
         _require_choice("train.optimizer", self.optimizer, OPTIMIZERS)
         _require_choice("train.schedule", self.schedule, SCHEDULES)
         _require_choice("train.progress", self.progress, PROGRESS_MODES)

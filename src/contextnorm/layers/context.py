@@ -487,9 +487,17 @@ class ContextNormX(_LearnedStatisticsBase):
     standard deviation of its activations in the first training batch that holds it, as
     Glow's ActNorm starts, so that the layer normalises from the first step; without it they
     start at 0 and 1, which does not normalise at all. :func:`~contextnorm.convert` starts
-    them from the BatchNorm's running statistics instead. Learned statistics do not follow the
-    activations as the weights move: DenseNet-40 with every norm CN-X still diverged at SGD
-    lr 0.1 (measured), where CN trains; use lower learning rates or CN in deep nets.
+    them from the BatchNorm's running statistics instead.
+
+    Learned statistics do not follow the activations as the weights move, so a deep net of
+    these layers meets large learning rates as a net without norms does: DenseNet-40 with every
+    norm CN-X (or CN-E) can diverge within 10 steps of SGD at lr 0.1. The statistics are not
+    the cause (measured): the same net with them frozen at their data start diverges at the
+    same step, as it does with weight decay kept off them; the conv weights' gradient norm
+    grows several-fold a step from the first one while CN-X's statistics change by about 1 %.
+    A batch-statistics norm absorbs that growth; here, clipping the gradient norm (the runner's
+    ``train.gradient_clip``; 5 there is above BatchNorm's steps) or a learning rate of 0.05 or
+    less trains the net.
     Other arguments as :class:`ContextNorm` (no momentum).
     """
 
@@ -570,7 +578,9 @@ class ContextNormE(_LearnedStatisticsBase):
     ``mu, sigma`` start from its first training batch (the map's column for that context is
     set); with an MLP, whose output cannot be set per context, the output bias starts from the
     statistics of the first training batch as a whole. Without it the maps start at
-    ``mu = 0, sigma = 1``. Other arguments as :class:`ContextNormX`.
+    ``mu = 0, sigma = 1``. Like CN-X's, these statistics do not follow the activations: see
+    :class:`ContextNormX` for what that means at large learning rates. Other arguments as
+    :class:`ContextNormX`.
     """
 
     def __init__(

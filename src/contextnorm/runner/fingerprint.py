@@ -4,8 +4,9 @@ A (method, seed) run's settings are every config value that changes what the run
 the task, data, contexts, model and training sections, the run's own method and its seed.
 Which values those are is read from the schema itself (``ROLE`` metadata of each field in
 ``contextnorm.config``): a new setting is part of every run's settings unless the schema says
-it only changes how a run executes. The settings are stored with each checkpoint and result
-as plain data, so a mismatch names each setting that differs and both of its values.
+it only changes how a run executes (or that its default is what runs computed before it
+existed). The settings are stored with each checkpoint and result as plain data, so a mismatch
+names each setting that differs and both of its values.
 
 The settings say what a run computes, not with which code: :func:`code_version` names the
 package source a run was made with, stored beside its settings, so that results made before
@@ -22,7 +23,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from contextnorm.config import CONTINUABLE_IF, CONTINUATION, EXECUTION, ROLE, ExperimentConfig
+from contextnorm.config import (
+    CONTINUABLE_IF,
+    CONTINUATION,
+    EXECUTION,
+    OPTIONAL,
+    ROLE,
+    ExperimentConfig,
+)
 
 Settings = dict[str, Any]
 """Flat settings: dotted config key -> JSON value (``train.lr``, ``method.options.momentum``)."""
@@ -60,6 +68,8 @@ def _flatten(value: Any, prefix: str, checkpoint: Settings, continuation: Settin
             continue
         key = f"{prefix}.{item.name}"
         field_value = getattr(value, item.name)
+        if role == OPTIONAL and field_value == item.default:
+            continue
         continuable = role == CONTINUATION and item.metadata.get(CONTINUABLE_IF, _always)(value)
         if continuable:
             continuation[key] = field_value

@@ -100,6 +100,8 @@ def build_trainer(
         num_nodes=settings.num_nodes,
         strategy=_strategy(settings, partial_losses),
         precision=settings.precision,
+        gradient_clip_val=settings.gradient_clip,
+        gradient_clip_algorithm="norm",
         deterministic=settings.deterministic,
         callbacks=every,
         logger=[CSVLogger(run_dir, name="csv"), TensorBoardLogger(run_dir, name="tensorboard")],

@@ -737,6 +737,12 @@ def _check_training(config: ExperimentConfig) -> None:
             f"train.schedule={train.schedule!r}: the generation task keeps Adam's learning rate "
             "constant, as the papers do; set train.schedule: constant"
         )
+    if train.gradient_clip is not None:
+        raise ConfigError(
+            f"train.gradient_clip={train.gradient_clip:g}: the generation task steps each "
+            "network's optimiser itself, so the trainer cannot clip its gradients; set "
+            "train.gradient_clip: null"
+        )
     if data.val_fraction != 0:
         raise ConfigError(
             f"data.val_fraction={data.val_fraction:g}: the generation task holds no training "
