@@ -9,6 +9,7 @@ from contextnorm.config import (
     ConfigError,
     ExperimentConfig,
     MethodConfig,
+    TrainConfig,
     apply_overrides,
     config_to_dict,
     dump_config,
@@ -205,3 +206,8 @@ def test_report_baseline_must_be_one_of_the_methods() -> None:
     assert parse_config({"methods": ["bn", "cn"], "report": {"baseline": "cn"}}).baseline == "cn"
     with pytest.raises(ConfigError, match=r"report.baseline must be the label of one of"):
         parse_config({"methods": ["bn", "cn"], "report": {"baseline": "ln"}})
+
+
+def test_results_describe_gradient_clipping_only_when_it_is_on() -> None:
+    assert TrainConfig().clipping == ""
+    assert TrainConfig(gradient_clip=5.0).clipping == ", gradient norm clipped at 5"

@@ -278,6 +278,15 @@ class TrainConfig:
     deterministic: bool = _execution(False)
     progress: str = _execution("auto")
 
+    @property
+    def clipping(self) -> str:
+        """``", gradient norm clipped at 5"`` for the results' description; empty when off."""
+        return (
+            ""
+            if self.gradient_clip is None
+            else f", gradient norm clipped at {self.gradient_clip:g}"
+        )
+
     def check(self) -> None:
         for key in ("epochs", "batch_size"):
             _require(

@@ -339,7 +339,7 @@ class AdaptationTask(Task):
                 f"training: {train.epochs} epochs of {steps} steps, {train.batch_size} source + "
                 f"{options.uratio * train.batch_size} target images per step, "
                 f"{train.optimizer} lr {train.lr:g}, weight decay {train.weight_decay:g} (conv "
-                f"and linear weights), schedule {schedule}",
+                f"and linear weights), schedule {schedule}{train.clipping}",
                 "selection: the source validation loss; nothing on the target selects or stops "
                 "a run",
             ],

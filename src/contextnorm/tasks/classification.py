@@ -399,7 +399,7 @@ class ClassificationTask(Task):
                 f"model: {config.model.name}, tested norm placement: {config.model.placement}",
                 f"training: {train.epochs} epochs, batch {train.batch_size}, {train.optimizer} "
                 f"lr {train.lr:g}, weight decay {train.weight_decay:g}, schedule "
-                f"{train.schedule}",
+                f"{train.schedule}{train.clipping}",
             ],
             views=dict(self.views),
             metrics=classification_metric_specs(self.num_classes),
