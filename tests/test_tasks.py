@@ -138,3 +138,11 @@ def test_a_module_keeps_no_context_apart_from_an_unknown_context() -> None:
     assert torch.equal(unknown, module(images, torch.full((4,), -1)))
     with pytest.raises(RuntimeError, match="ran without a context"):
         module(images)
+
+
+def test_figures_group_an_ablation_by_the_experiments_contexts(tmp_path) -> None:
+    ablation = "{name: cn, label: cn-single, contexts: {kind: random, num_contexts: 1}}"
+    task = prepare_experiment(tiny_config(tmp_path, f"methods=[bn, {ablation}]"))
+    probed = task.probe(1, task.build_module(1), 64, seed=0)
+    # The samples ran with the single context 0; the figures draw them in their domains.
+    assert set(probed.contexts.tolist()) == {0, 1}

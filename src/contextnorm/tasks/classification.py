@@ -490,7 +490,10 @@ class ClassificationTask(Task):
         split = next(iter(self.contexts[index].test.values()))
         chosen = split.choose(count, seed)
         module(*module.evaluation_inputs(split.data.images[chosen], split.contexts[chosen]))
-        return Probe(contexts=split.contexts[chosen], labels=split.data.labels[chosen])
+        # The figures group the samples by the experiment's contexts, which they name, whatever
+        # contexts an ablation ran with (its random groups would be drawn under those names).
+        experiment = next(iter(self.shared.test.values()))
+        return Probe(contexts=experiment.contexts[chosen], labels=split.data.labels[chosen])
 
 
 def describe_contexts(config: ContextConfig, num_contexts: int, names: Sequence[str]) -> str:
