@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -9,7 +10,9 @@ import pytest
 
 from contextnorm.cli import main
 from contextnorm.config import ConfigError
+from contextnorm.io import atomic_write_json
 from contextnorm.metrics import Difference
+from contextnorm.runner.fingerprint import code_version
 from contextnorm.runner.folder import load_results
 from contextnorm.runner.replications import load_plan, verdict
 from contextnorm.runner.report import difference
@@ -124,3 +127,12 @@ def test_replicate_runs_the_plan_and_writes_the_page(
     page.unlink()
     assert main(["replicate", "--page-only", *arguments]) == 0
     assert page.read_text(encoding="utf-8") == text
+
+    # --reuse code: a run made with other code is set aside and trained again.
+    run_dir = results / "tiny" / "runs" / "bn" / "seed-0"
+    stored = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
+    atomic_write_json(run_dir / "result.json", {**stored, "code": "0.0.9+earlier"})
+    assert main(["replicate", "tiny", "--reuse", "code", *arguments]) == 0
+    assert (results / "tiny" / "stale" / "0.0.9+earlier" / "bn" / "seed-0").is_dir()
+    renewed = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
+    assert renewed["code"] == code_version()

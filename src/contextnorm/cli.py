@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from importlib import resources
 
 from contextnorm import __version__
-from contextnorm.config import ConfigError, load_config, shipped_configs
+from contextnorm.config import REUSE_POLICIES, ConfigError, load_config, shipped_configs
 
 DEMO_CONFIG = "demo"
 INTERRUPTED = 130
@@ -115,6 +115,13 @@ def _parser() -> argparse.ArgumentParser:
     replicate.add_argument(
         "--plan", default=None, help="a plan file of the shipped plan's form (default: shipped)"
     )
+    replicate.add_argument(
+        "--reuse",
+        choices=REUSE_POLICIES,
+        default="settings",
+        help="what a saved run must match to be kept: its settings (default), or its settings "
+        "and code version (runs made with other code are set aside and trained again)",
+    )
     replicate.set_defaults(handler=_replicate)
 
     cache = commands.add_parser(
@@ -172,7 +179,12 @@ def _replicate(arguments: argparse.Namespace) -> int:
     entries = plan.select(arguments.names)
     results_root = Path(arguments.results)
     if not arguments.page_only:
-        run_replications(entries, results_root, echo=lambda line: print(line, flush=True))
+        run_replications(
+            entries,
+            results_root,
+            echo=lambda line: print(line, flush=True),
+            reuse=arguments.reuse,
+        )
     page = Path(arguments.page)
     page.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(page, render_page(plan, results_root, page))

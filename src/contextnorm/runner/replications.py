@@ -79,11 +79,17 @@ class Replication:
     overrides: list[str] = field(default_factory=list)
     published: list[Published] = field(default_factory=list)
 
-    def load(self, results_root: Path) -> ExperimentConfig:
-        """The experiment config of this replication, writing into ``results_root/name``."""
+    def load(self, results_root: Path, reuse: str = "settings") -> ExperimentConfig:
+        """The experiment config of this replication, writing into ``results_root/name``;
+        ``reuse`` as the config's (``code``: runs made with other code are trained again)."""
         return load_config(
             self.config,
-            [*self.overrides, f"name={self.name}", f"output_dir={results_root / self.name}"],
+            [
+                *self.overrides,
+                f"name={self.name}",
+                f"output_dir={results_root / self.name}",
+                f"reuse={reuse}",
+            ],
         )
 
 
@@ -138,14 +144,18 @@ def load_plan(path: str | Path | None = None) -> Plan:
 
 
 def run_replications(
-    entries: Sequence[Replication], results_root: Path, echo: Callable[[str], None] = print
+    entries: Sequence[Replication],
+    results_root: Path,
+    echo: Callable[[str], None] = print,
+    reuse: str = "settings",
 ) -> None:
-    """Run each replication into ``results_root/<name>``; finished runs are kept."""
+    """Run each replication into ``results_root/<name>``; finished runs are kept (``reuse``:
+    what they must match, as the config's ``reuse``)."""
     from contextnorm.runner.experiment import run_experiment
 
     for position, entry in enumerate(entries, start=1):
         echo(f"== replication {position} of {len(entries)}: {entry.name} ({entry.title})")
-        run_experiment(entry.load(results_root), echo=echo)
+        run_experiment(entry.load(results_root, reuse), echo=echo)
 
 
 def verdict(published: float, published_baseline: float, here: Difference) -> str:
