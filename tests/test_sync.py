@@ -371,40 +371,46 @@ def test_acn_buffers_are_bitwise_identical_on_every_process(pair: ProcessPair, u
         assert torch.equal(buffer, second[name]), name
 
 
-def ddp_model(seed: int) -> nn.Module:
+def _two_conv_model(
+    seed: int, first: Callable[[], list[nn.Module]], second: Callable[[], list[nn.Module]]
+) -> nn.Module:
+    """Two convolutions, the norms ``first()`` after the first and ``second()`` after the second
+    (built in that order, after the seed), and a linear head, contexts from the scope."""
     torch.manual_seed(seed)
     model = nn.Sequential(
         nn.Conv2d(3, C, 3, padding=1),
-        cn.ContextNorm(C, K),
+        *first(),
         nn.ReLU(),
         nn.Conv2d(C, C, 3, padding=1),
-        nn.BatchNorm2d(C),
-        cn.ModeNorm(C, 2),
-        cn.SwitchNorm(C),
-        cn.ContextNormX(C, K),
-        cn.ContextNormE(C, K),
+        *second(),
         nn.ReLU(),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Linear(C, 5),
     )
     return cn.ContextualModel(model).double()
+
+
+def ddp_model(seed: int) -> nn.Module:
+    return _two_conv_model(
+        seed,
+        lambda: [cn.ContextNorm(C, K)],
+        lambda: [
+            nn.BatchNorm2d(C),
+            cn.ModeNorm(C, 2),
+            cn.SwitchNorm(C),
+            cn.ContextNormX(C, K),
+            cn.ContextNormE(C, K),
+        ],
+    )
 
 
 def ddp_mixture_model(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Conv2d(3, C, 3, padding=1),
-        cn.AdaptiveContextNorm(C, K),
-        nn.ReLU(),
-        nn.Conv2d(C, C, 3, padding=1),
-        cn.AdaptiveContextNorm(C, 2, update="gradient"),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(C, 5),
+    return _two_conv_model(
+        seed,
+        lambda: [cn.AdaptiveContextNorm(C, K)],
+        lambda: [cn.AdaptiveContextNorm(C, 2, update="gradient")],
     )
-    return cn.ContextualModel(model).double()
 
 
 DDP_MODELS = {"context layers": ddp_model, "mixture layers": ddp_mixture_model}
