@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from torch.utils import benchmark
 
 import contextnorm
+from contextnorm.functional import native
 from contextnorm.io import atomic_write_text
 
 SMALL_SHAPE = (32, 16, 8, 8)
@@ -120,6 +121,26 @@ class LoopContextNorm(nn.Module):
         return x.new_empty(x.shape).index_copy(0, torch.cat(rows), torch.cat(pieces))
 
 
+class PyTorchImplementation(nn.Module):
+    """A context layer run with its native CPU kernels turned off (``CONTEXTNORM_NATIVE=0``
+    while it runs): the PyTorch implementation they replace on eager CPU calls."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: Tensor, context: object) -> Tensor:
+        previous = os.environ.get(native.ENVIRONMENT_SWITCH)
+        os.environ[native.ENVIRONMENT_SWITCH] = "0"
+        try:
+            return self.layer(x, context)
+        finally:
+            if previous is None:
+                del os.environ[native.ENVIRONMENT_SWITCH]
+            else:
+                os.environ[native.ENVIRONMENT_SWITCH] = previous
+
+
 @dataclass
 class Configuration:
     """One timed layer: its label, K (``None`` where it has none), module and extra inputs."""
@@ -171,6 +192,13 @@ def build_configurations(
                 configurations.append(Configuration(name, k, build(k), (ids,), target))
             else:
                 configurations.append(Configuration(name, k, build(k), (ids.value,)))
+    if device.type == "cpu" and native.kernels() is not None:
+        for name in CONTEXT_LAYERS:
+            module = PyTorchImplementation(context_layers[name](COMPILED_COUNT))
+            ids = random_ids(COMPILED_COUNT)
+            configurations.append(
+                Configuration(f"{name} (PyTorch)", COMPILED_COUNT, module, (ids,))
+            )
     if compiled:
         # Each compiled layer adds an entry to the cache of the one forward they share; a model
         # compiled as a whole inlines its layers instead.
@@ -319,11 +347,18 @@ def machine_description(device: torch.device) -> dict[str, str]:
                 if line.startswith("model name"):
                     processor = line.split(":", 1)[1].strip()
                     break
+    if device.type != "cpu":
+        kernels = "not used (CPU only)"
+    elif native.kernels() is None:
+        kernels = f"off ({native.ENVIRONMENT_SWITCH}=0 or not built): the PyTorch implementation"
+    else:
+        kernels = "on (CN in training, CN/CN-X/CN-E with known ids)"
     return {
         "machine": processor,
         "threads": str(torch.get_num_threads()),
         "torch": torch.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "native": kernels,
     }
 
 
@@ -350,6 +385,7 @@ def markdown_report(
         "",
         f"- Machine: {machine['machine']} ({device.type}), {machine['threads']} torch threads",
         f"- torch {machine['torch']}, {machine['date']}",
+        f"- contextnorm's native CPU kernels: {machine['native']}",
         (
             "- Machine load (this run included): 1-minute load average "
             f"{min(load):.1f}-{max(load):.1f} over the rounds, on {os.cpu_count()} logical CPUs; "
@@ -371,6 +407,7 @@ def markdown_report(
             "are timed in their steady state (data_init=False: the data-dependent start, which "
             "runs until every context has been seen once in training, is not timed); CN (loop) "
             "is a per-context Python loop with autograd, the straightforward implementation; "
+            "(PyTorch): the layer with its native kernels turned off; "
             "(compiled): torch.compile(fullgraph=True) of the layer, inductor backend."
         ),
     ]

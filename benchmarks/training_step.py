@@ -140,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> dict[tuple[str, str], list[float]
         "",
         f"- Machine: {machine['machine']} ({device.type}), {machine['threads']} torch threads",
         f"- torch {machine['torch']}, {machine['date']}",
+        f"- contextnorm's native CPU kernels: {machine['native']}",
         (
             f"- Machine load: 1-minute load average {min(load):.1f}-{max(load):.1f} over the "
             "rounds on "

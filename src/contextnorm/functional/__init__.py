@@ -23,7 +23,13 @@ Shapes: ``x`` is (N, C), (N, C, *spatial) or, with ``channel_last=True``, (N, *,
 Internally it is viewed as (N, C, L) without copying where the layout allows.
 """
 
-from .context import context_affine, context_batch_norm, sample_log_posterior
+from .context import (
+    context_affine,
+    context_batch_norm,
+    learned_context_affine,
+    learned_statistics,
+    sample_log_posterior,
+)
 from .mixture import (
     MixtureStats,
     batch_mixture_norm,
@@ -53,6 +59,7 @@ from .moments import (
     packed_moments,
     packed_sums,
     pooled_moments,
+    running_rate,
     sample_moments,
     statistics_dtype,
     update_running_moments,
@@ -90,9 +97,12 @@ __all__ = [
     "mixture_transform",
     "context_affine",
     "context_batch_norm",
+    "learned_context_affine",
+    "learned_statistics",
     "fit_diag_gmm",
     "kmeans_plus_plus",
     "match_components",
+    "running_rate",
     "update_running_moments",
     "all_reduce_sum",
     "synced_pooled_moments",

@@ -3,10 +3,33 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 from torch import Tensor
 
-from .moments import cast, statistics_dtype
+from . import native
+from .moments import cast, running_rate, statistics_dtype, update_running_moments
+
+
+def _native_kernels(x: Tensor, *tensors: Tensor | None) -> ModuleType | None:
+    """The native kernels when they apply to this call (:mod:`~contextnorm.functional.native`):
+    eager, on the CPU, ``x`` a plain contiguous tensor in float32 or float64 and every other
+    tensor of its dtype (the kernels check that they are on the CPU too)."""
+    dtype = x.dtype
+    if (
+        type(x) is not Tensor  # fake, functional and other subclass tensors: tracing, export
+        or x.device.type != "cpu"
+        or dtype not in (torch.float32, torch.float64)
+        or not x.is_contiguous()
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+    ):
+        return None
+    for tensor in tensors:
+        if tensor is not None and tensor.dtype != dtype:
+            return None
+    return native.kernels()
 
 
 def sample_log_posterior(
@@ -60,8 +83,59 @@ def context_affine(
     in the statistics' precision, the output in ``x``'s dtype. Pass
     :attr:`~contextnorm.functional.Moments.values` as ``x`` when ``mean``, ``var`` come from
     the batch's moments.
+
+    Eager calls on the CPU in float32 or float64 run the native kernel
+    (:mod:`~contextnorm.functional.native`); everything else this PyTorch implementation.
     """
+    kernels = _native_kernels(x, mean, var, gain, weight, bias)
+    if kernels is not None:
+        return kernels.context_affine(x, ids, mean, var, eps, gain, weight, bias)
     return _ContextAffine.apply(x, ids, mean, var, eps, gain, weight, bias)
+
+
+def learned_context_affine(
+    x: Tensor,
+    ids: Tensor,
+    mean: Tensor,
+    raw_std: Tensor,
+    eps: float,
+    gain: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    mean_offset: Tensor | None = None,
+    raw_std_offset: Tensor | None = None,
+) -> Tensor:
+    """:func:`context_affine` with learned statistics, as CN-X and CN-E parametrise them.
+
+    Context ``k`` has mean ``mean[k] + mean_offset`` and standard deviation
+    ``softplus(raw_std[k] + raw_std_offset)``: ``mean``, ``raw_std`` (K, C), the offsets (C,)
+    shared by the contexts and optional (CN-E's linear encoders: the weight's transpose and
+    the bias). Eager calls on the CPU in float32 or float64 compute the statistics inside the
+    native kernel's autograd node (:mod:`~contextnorm.functional.native`); elsewhere this is the
+    composition of the statistics and :func:`context_affine`.
+    """
+    kernels = _native_kernels(x, mean, raw_std, gain, weight, bias, mean_offset, raw_std_offset)
+    if kernels is not None:
+        return kernels.learned_context_affine(
+            x, ids, mean, raw_std, eps, gain, weight, bias, mean_offset, raw_std_offset
+        )
+    mean, var = learned_statistics(mean, raw_std, mean_offset, raw_std_offset)
+    return context_affine(x, ids, mean, var, eps, gain, weight, bias)
+
+
+def learned_statistics(
+    mean: Tensor,
+    raw_std: Tensor,
+    mean_offset: Tensor | None = None,
+    raw_std_offset: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Mean and variance (K, C) of the learned statistics of :func:`learned_context_affine`."""
+    if mean_offset is not None:
+        mean = mean + mean_offset
+    if raw_std_offset is not None:
+        raw_std = raw_std + raw_std_offset
+    std = torch.nn.functional.softplus(raw_std)
+    return mean, std * std
 
 
 class _ContextAffine(torch.autograd.Function):
@@ -128,6 +202,10 @@ def context_batch_norm(
     gain: Tensor | None = None,
     weight: Tensor | None = None,
     bias: Tensor | None = None,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    num_batches_tracked: Tensor | None = None,
+    momentum: float | None = 0.1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """CN in training: each sample normalised with the batch statistics of its context.
 
@@ -135,17 +213,55 @@ def context_batch_norm(
     ``k = ids[n]`` and ``mean``, ``var`` the mean and biased variance (K, C) of the
     activations of context ``k`` in ``x`` (N, C, L). Returns ``(y, mean, var, count)``:
     ``y`` in ``x``'s dtype, the statistics (without gradient) and the values per channel
-    behind them, ``count`` (K,), for the running estimates. ``gain`` (K, 1), ``weight`` and
-    ``bias`` (K, C) as in :func:`context_affine`.
+    behind them, ``count`` (K,). ``gain`` (K, 1), ``weight`` and ``bias`` (K, C) as in
+    :func:`context_affine`.
+
+    With ``running_mean`` and ``running_var`` (K, C), BatchNorm's running update is applied in
+    place to the contexts present in the batch (:func:`update_running_moments`), counting the
+    batch in ``num_batches_tracked`` (K,) when given; ``momentum=None`` (the cumulative
+    average) needs it.
 
     The variance is a two-pass sum of squared deviations from the context's mean (as
     BatchNorm's kernel computes it), in float32 for half-precision input. One autograd node
     whose backward is BatchNorm's, per context: a small input is not dominated by the
     bookkeeping of the dozens of autograd nodes the composition of :func:`sample_moments`,
     :func:`pooled_moments` and :func:`context_affine` costs. Use those where the statistics
-    are shared across processes.
+    are shared across processes. Eager calls on the CPU in float32 or float64 run the native
+    kernel (:mod:`~contextnorm.functional.native`), everything else this PyTorch
+    implementation.
     """
-    return _ContextBatchNorm.apply(x, ids, num_contexts, eps, gain, weight, bias)
+    if momentum is None and running_mean is not None and num_batches_tracked is None:
+        raise ValueError(
+            "momentum=None (the cumulative average) counts batches in num_batches_tracked; "
+            "pass it, or a float momentum"
+        )
+    kernels = _native_kernels(x, gain, weight, bias, running_mean, running_var)
+    # The running statistics are updated in place.
+    running = (running_mean, running_var, num_batches_tracked)
+    if kernels is not None and all(t is None or t.is_contiguous() for t in running):
+        y, mean, var, count = kernels.context_batch_norm(
+            x,
+            ids,
+            num_contexts,
+            eps,
+            gain,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            -1.0 if momentum is None else momentum,
+        )
+        return y, mean, var, count
+    y, mean, var, count = _ContextBatchNorm.apply(x, ids, num_contexts, eps, gain, weight, bias)
+    if running_mean is not None and running_var is not None:
+        rate = (
+            momentum
+            if num_batches_tracked is None
+            else running_rate(num_batches_tracked, count > 0, momentum, running_mean.dtype)
+        )
+        update_running_moments(running_mean, running_var, mean, var, count, rate)
+    return y, mean, var, count
 
 
 class _ContextBatchNorm(torch.autograd.Function):

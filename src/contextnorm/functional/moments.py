@@ -132,7 +132,7 @@ def _moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if length == 1:
         flat = wide.reshape(n, c)
         return flat.clone(), torch.zeros_like(flat), wide
-    if _traced():
+    if traced():
         # Compiled and exported graphs (ONNX among them) have no BatchNorm-statistics
         # operator: the same accurate moments, as a reduction they lower (a fused Welford
         # reduction in compiled code).
@@ -142,7 +142,8 @@ def _moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return mean.view(n, c), var.view(n, c), wide
 
 
-def _traced() -> bool:
+def traced() -> bool:
+    """Whether the call is being compiled, traced or exported (not run eagerly)."""
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
@@ -364,6 +365,23 @@ class _SampleAffine(torch.autograd.Function):
                 cast(wide_grad * scale.unsqueeze(-1), x.dtype) if ctx.needs_input_grad[0] else None
             )
         return grad_x, grad_scale, grad_shift
+
+
+def running_rate(
+    num_batches_tracked: Tensor, present: Tensor, momentum: float | None, dtype: torch.dtype
+) -> float | Tensor:
+    """Count a batch in ``num_batches_tracked`` for the groups ``present`` and return the rate of
+    :func:`update_running_moments`.
+
+    ``num_batches_tracked`` and ``present`` are (K,) (batches counted per group) or 0-dim.
+    ``momentum=None`` is BatchNorm's cumulative average, ``1 / batches counted``, per group, in
+    ``dtype`` (the running statistics'); a float is returned as it is. No value is read on the
+    host.
+    """
+    num_batches_tracked.add_(present)
+    if momentum is not None:
+        return momentum
+    return num_batches_tracked.clamp_min(1).to(dtype).reciprocal()
 
 
 def update_running_moments(

@@ -235,20 +235,9 @@ class RunningStatsMixin:
             self.running_var.copy_(var.expand_as(self.running_var))
 
     def _running_momentum(self, present: Tensor) -> float | Tensor:
-        """Count the batch for the groups ``present`` (K,) and return the update's momentum.
-
-        ``momentum=None`` is BatchNorm's cumulative average, ``1 / batches counted``, per group.
-        """
-        self.num_batches_tracked.add_(present)
+        """Count the batch for the groups ``present`` (K,) and return the update's momentum."""
         momentum = self.momentum  # type: ignore[attr-defined]
-        if momentum is not None:
-            return momentum
-        return (
-            self.num_batches_tracked.clamp_min(1)
-            .to(self.running_mean.dtype)
-            .reciprocal()
-            .expand(present.shape)
-        )
+        return F.running_rate(self.num_batches_tracked, present, momentum, self.running_mean.dtype)
 
 
 def active_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:

@@ -333,10 +333,20 @@ class ContextNorm(RunningStatsMixin, _ContextNormBase):
             self._check_singletons(assignment, None)
         if self.training and self.estimate_prior:
             self._update_prior(assignment, None)
-        y, mean, var, count = F.context_batch_norm(
-            x, ids, self.num_contexts, self.eps, self._gain(), self.weight, self.bias
+        update = self.training and self.track_running_stats
+        y, _, _, _ = F.context_batch_norm(
+            x,
+            ids,
+            self.num_contexts,
+            self.eps,
+            self._gain(),
+            self.weight,
+            self.bias,
+            self.running_mean if update else None,
+            self.running_var if update else None,
+            self.num_batches_tracked if update else None,
+            self.momentum,
         )
-        self._update_running_stats(mean, var, count)
         return y
 
     def _update_running_stats(self, mean: Tensor, var: Tensor, count: Tensor) -> None:
@@ -419,29 +429,67 @@ class _LearnedStatisticsBase(_ContextNormBase):
     def _initializing(self) -> bool:
         return self.training and self._init_pending
 
+    def _start_from_data(
+        self, x: Tensor, assignment: ContextAssignment, moments: F.Moments | None
+    ) -> Tensor | None:
+        """The data-dependent start, while it is pending: set the new contexts' statistics from
+        this batch. Returns the batch's count per context (K,) when it ran, else ``None``."""
+        if not self._initializing():
+            return None
+        # Outside autograd, so that the graph (and what activation checkpointing saves and
+        # recomputes) is the same before and after the start. Synchronised, the start comes
+        # from every process's batch, so that all processes start from the same parameters.
+        with torch.no_grad():
+            batch = F.sample_moments(x) if moments is None else moments
+            mean, var, count = self._batch_statistics(assignment, batch, x.shape[2])
+            self._initialize(mean, var.clamp_min(self.eps).sqrt(), count)
+        if not torch.compiler.is_compiling():
+            self._refresh_init_pending()
+        return count
+
     def _context_statistics(
         self, x: Tensor, assignment: ContextAssignment, moments: F.Moments | None
     ) -> tuple[Tensor, Tensor, Tensor | None]:
-        count = None
-        if self._initializing():
-            # Outside autograd, so that the graph (and what activation checkpointing saves and
-            # recomputes) is the same before and after the start. Synchronised, the start comes
-            # from every process's batch, so that all processes start from the same parameters.
-            with torch.no_grad():
-                batch = F.sample_moments(x) if moments is None else moments
-                mean, var, count = self._batch_statistics(assignment, batch, x.shape[2])
-                self._initialize(mean, var.clamp_min(self.eps).sqrt(), count)
-            if not torch.compiler.is_compiling():
-                self._refresh_init_pending()
-            # A later forward before this one's backward may start another context, writing
-            # its row in place (AdaMatch runs the source alone, then source and target): this
-            # forward's graph must not hold the parameters themselves.
-            return (*self._learned_statistics(copy=True), count)
-        return (*self._learned_statistics(), count)
+        count = self._start_from_data(x, assignment, moments)
+        # After a start, a later forward before this one's backward may start another context,
+        # writing its row in place (AdaMatch runs the source alone, then source and target):
+        # this forward's graph must not hold the parameters themselves.
+        return (*self._learned_statistics(copy=count is not None), count)
+
+    def _normalize(self, x: Tensor, assignment: ContextAssignment) -> Tensor:
+        ids = assignment.known_ids
+        if ids is None:
+            return super()._normalize(x, assignment)
+        # Known ids: the statistics and the affine map in one step, which on the CPU is one
+        # native autograd node (F.learned_context_affine) instead of the statistics' several.
+        count = self._start_from_data(x, assignment, None)
+        if self.training and self.estimate_prior:
+            self._update_prior(assignment, count)
+        mean, raw_std, mean_offset, raw_std_offset = self._statistic_parts(count is not None)
+        return F.learned_context_affine(
+            x,
+            ids,
+            mean,
+            raw_std,
+            self.eps,
+            self._gain(),
+            self.weight,
+            self.bias,
+            mean_offset,
+            raw_std_offset,
+        )
+
+    def _statistic_parts(
+        self, copy: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """``(mean, raw_std, mean_offset, raw_std_offset)`` as
+        :func:`~contextnorm.functional.learned_context_affine` takes them; ``copy``: from
+        copies of the parameters."""
+        raise NotImplementedError
 
     def _learned_statistics(self, copy: bool = False) -> tuple[Tensor, Tensor]:
         """Mean and variance (K, C); ``copy``: computed from copies of the parameters."""
-        raise NotImplementedError
+        return F.learned_statistics(*self._statistic_parts(copy))
 
     def _initialize(self, mean: Tensor, std: Tensor, count: Tensor) -> None:
         """Set the statistics of the contexts seen for the first time (count > 0) to ``mean``,
@@ -553,12 +601,12 @@ class ContextNormX(_LearnedStatisticsBase):
             )
             self.initialized.logical_or_(new.squeeze(1))
 
-    def _learned_statistics(self, copy: bool = False) -> tuple[Tensor, Tensor]:
-        mean, raw_std = (
-            (self.mean.clone(), self.raw_std.clone()) if copy else (self.mean, self.raw_std)
-        )
-        std = nnf.softplus(raw_std)
-        return mean, std * std
+    def _statistic_parts(
+        self, copy: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        if copy:
+            return self.mean.clone(), self.raw_std.clone(), None, None
+        return self.mean, self.raw_std, None, None
 
     def _extra_repr_parts(self) -> list[str]:
         return [] if self.data_init else ["data_init=False"]
@@ -673,22 +721,32 @@ class ContextNormE(_LearnedStatisticsBase):
         std = nnf.softplus(self.std_encoder(encoding))
         return self.mean_encoder(encoding), std * std
 
-    def _learned_statistics(self, copy: bool = False) -> tuple[Tensor, Tensor]:
-        # The tables are new tensors (a transpose plus the bias): nothing here saves the
-        # parameters that the data-dependent start writes, with or without ``copy``.
-        std = nnf.softplus(self._context_table(self.std_encoder))
-        return self._context_table(self.mean_encoder), std * std
+    def _statistic_parts(
+        self, copy: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        # Nothing here is saved for the backward but new tensors (the encoders' outputs) or
+        # nothing at all (linear encoders: a transposed view and the bias, used by the
+        # statistics' computation), with or without ``copy``, so the data-dependent start's
+        # writes cannot reach a graph.
+        if self.hidden_features is None:
+            mean, std = self.mean_encoder, self.std_encoder
+            return mean.weight.t(), std.weight.t(), mean.bias, std.bias
+        return (
+            self._context_table(self.mean_encoder),
+            self._context_table(self.std_encoder),
+            None,
+            None,
+        )
 
     @staticmethod
-    def _context_table(encoder: nn.Module) -> Tensor:
-        """The encoder's output (K, C) for the K one-hot encodings.
+    def _context_table(encoder: nn.Sequential) -> Tensor:
+        """The MLP encoder's output (K, C) for the K one-hot encodings.
 
-        A linear layer applied to the identity is its weight, transposed, plus its bias: no
-        (K, K) product, which would cost K^2 C at large K.
+        Its first linear layer applied to the identity is its weight, transposed, plus its
+        bias: no (K, K) product, which would cost K^2 C at large K.
         """
-        first = encoder if isinstance(encoder, nn.Linear) else encoder[0]
-        hidden = first.weight.t() + first.bias
-        return hidden if isinstance(encoder, nn.Linear) else encoder[1:](hidden)
+        hidden = encoder[0].weight.t() + encoder[0].bias
+        return encoder[1:](hidden)
 
     def _coefficients(
         self,

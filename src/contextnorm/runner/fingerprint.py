@@ -109,16 +109,17 @@ def _show(value: Any, missing: object) -> str:
 
 @functools.cache
 def code_version() -> str:
-    """The package version and a digest of its Python source, e.g. ``0.1.0+3fa9c2d1e0b4``.
+    """The package version and a digest of its source, e.g. ``0.1.0+3fa9c2d1e0b4``.
 
-    Any edit of a module of the installed package changes the digest, whether or not it
-    changes what a run computes; modules named in a config's ``imports`` are not included.
+    Any edit of a module of the installed package (its Python modules and the native kernels'
+    C++ source) changes the digest, whether or not it changes what a run computes; modules
+    named in a config's ``imports`` are not included.
     """
     import contextnorm  # the package itself, loaded by now: a module-level import would be circular
 
     root = Path(contextnorm.__file__).parent
     digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
+    for path in sorted([*root.rglob("*.py"), *root.rglob("*.cpp")]):
         digest.update(path.relative_to(root).as_posix().encode())
         digest.update(b"\0")
         digest.update(path.read_bytes())
