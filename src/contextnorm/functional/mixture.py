@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import native
 from .sync import all_reduce_sum
 
 __all__ = [
@@ -297,6 +298,27 @@ def _coefficients(
     return scale, shift, inv_std
 
 
+def _native_passes(x: Tensor, inner: bool, group: object, *tables: Tensor | None):
+    """The native passes (:mod:`~contextnorm.functional.native`) when they apply: eager, one
+    process, ``x`` a plain contiguous CPU tensor with positions innermost in float32 or float64,
+    the coefficients in its dtype. ``None`` otherwise: the batched matrix products run."""
+    if (
+        type(x) is not Tensor
+        or inner
+        or group is not None
+        or x.device.type != "cpu"
+        or x.dtype not in (torch.float32, torch.float64)
+        or not x.is_contiguous()
+        or x.numel() == 0
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+    ):
+        return None
+    if any(table is not None and table.dtype != x.dtype for table in tables):
+        return None
+    return native.kernels()
+
+
 class _BatchMixtureNorm(torch.autograd.Function):
     """[CBN] Eq. 5-9 on a positions view, with a hand-fused backward.
 
@@ -324,6 +346,11 @@ class _BatchMixtureNorm(torch.autograd.Function):
     the processes before the chain to ``(E1, E2, M)``, which every process then applies to
     its own positions. The gradients of ``alpha, beta, gamma, gain, weight, bias`` stay this
     process's share, as for any parameter under data parallelism.
+
+    On the CPU (one process, positions innermost) the passes over the activations run as native
+    kernels that compute ``x'`` on the fly: nothing activation-sized is allocated but the output
+    and the input gradient, and ``x`` is saved instead of ``x'``. Elsewhere they are batched
+    matrix products over the materialised ``x'`` and ``x'^2``.
     """
 
     @staticmethod
@@ -343,12 +370,21 @@ class _BatchMixtureNorm(torch.autograd.Function):
         group: dist.ProcessGroup | None,
     ) -> tuple[Tensor, ...]:
         inner = channels_inner(x)
-        centred = _dense(x - reference.view(1, -1, 1), inner)
-        squares = centred * centred
-        log_tau = torch.log_softmax(log_joint(centred, squares, alpha, beta, gamma), dim=1)
+        kernels = _native_passes(x, inner, group, reference, alpha, beta, gamma, gain, weight, bias)
+        if kernels is None:
+            centred = _dense(x - reference.view(1, -1, 1), inner)
+            squares = centred * centred
+            logits = log_joint(centred, squares, alpha, beta, gamma)
+        else:
+            logits = kernels.mixture_logits(x, reference, alpha, beta, gamma)
+        log_tau = torch.log_softmax(logits, dim=1)
         tau = log_tau.exp()
         if group is None:
-            mean, var, mass = _moments(tau, centred, squares)
+            if kernels is None:
+                mean, var, mass = _moments(tau, centred, squares)
+            else:
+                first, second = kernels.mixture_sums(x, reference, tau)
+                mean, var, mass = _weighted_moments(tau.sum((0, 2)), first, second)
             var, floored = _floor_variances(mean, var, mass, floor_ratio)
             stats = None
         else:
@@ -363,10 +399,13 @@ class _BatchMixtureNorm(torch.autograd.Function):
         if batch_gain:
             gain = (mass / mass.sum()).clamp_min(torch.finfo(mass.dtype).tiny).rsqrt()
         scale, shift, _ = _coefficients(mean, var, eps, gain, weight, bias)
-        # The squares are no longer needed: their memory takes the output.
-        out = expand_components(scale, tau, inner, out=squares)
-        out.mul_(centred)
-        _expand_components_add_(out, shift, tau, inner)
+        if kernels is None:
+            # The squares are no longer needed: their memory takes the output.
+            out = expand_components(scale, tau, inner, out=squares)
+            out.mul_(centred)
+            _expand_components_add_(out, shift, tau, inner)
+        else:
+            out = kernels.mixture_output(x, reference, tau, scale, shift)
         if stats is None:
             positions = torch.full((), x.shape[0] * x.shape[2], dtype=mass.dtype, device=x.device)
             stats = MixtureStats(
@@ -377,9 +416,11 @@ class _BatchMixtureNorm(torch.autograd.Function):
                 -(tau * log_tau).sum(),
                 positions,
             )
-        saved = (centred, tau, alpha, beta, gain, weight, bias, mean, var, mass, floored)
+        # The native passes recompute x' from x and the reference.
+        values = centred if kernels is None else x
+        saved = (values, reference, tau, alpha, beta, gain, weight, bias, mean, var, mass, floored)
         ctx.save_for_backward(*saved)
-        ctx.flags = (inner, batch_gain, posterior_grad, floor_ratio, eps, group)
+        ctx.flags = (inner, batch_gain, posterior_grad, floor_ratio, eps, group, kernels)
         ctx.mark_non_differentiable(*stats)
         return (out, *stats)
 
@@ -388,15 +429,23 @@ class _BatchMixtureNorm(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx, grad: Tensor, *_: Tensor
     ) -> tuple[Tensor | None, ...]:
-        centred, tau, alpha, beta, gain, weight, bias, mean, var, mass, floored = ctx.saved_tensors
-        inner, batch_gain, posterior_grad, floor_ratio, eps, group = ctx.flags
+        values, reference, tau, alpha, beta, gain, weight, bias = ctx.saved_tensors[:8]
+        mean, var, mass, floored = ctx.saved_tensors[8:]
+        inner, batch_gain, posterior_grad, floor_ratio, eps, group, kernels = ctx.flags
         needs = ctx.needs_input_grad
         scale, shift, inv_std = _coefficients(mean, var, eps, gain, weight, bias)
         grad = _dense(grad, inner)
-        work = grad * centred
-        grad_scale = component_sums(tau, work)
-        grad_shift = component_sums(tau, grad)
-        grad_tau = _project(scale, work) + _project(shift, grad) if posterior_grad else None
+        if kernels is None:
+            centred = values
+            work = grad * centred
+            grad_scale = component_sums(tau, work)
+            grad_shift = component_sums(tau, grad)
+            grad_tau = _project(scale, work) + _project(shift, grad) if posterior_grad else None
+        else:
+            sums, grad_tau = kernels.mixture_output_backward(
+                grad, values, reference, tau, scale, shift, posterior_grad
+            )
+            grad_scale, grad_shift = sums
 
         # (scale, shift) -> (mean, var, gain, weight, bias); shift = bias - mean * scale.
         grad_bias = grad_shift.sum(0) if needs[7] else None
@@ -440,22 +489,47 @@ class _BatchMixtureNorm(torch.autograd.Function):
                 # d gain_k / d M_j = -gain_k (delta_kj / M_k - 1 / sum M) / 2.
                 pulled = per_gain * gain
                 grad_mass = grad_mass - 0.5 * (pulled / safe.squeeze(1) - pulled.sum() / mass.sum())
-            squares = torch.mul(centred, centred, out=work)
-            grad_tau += _project(grad_first, centred) + _project(grad_second, squares)
-            grad_tau += grad_mass.view(1, -1, 1)
+            if kernels is None:
+                squares = torch.mul(centred, centred, out=work)
+                grad_tau += _project(grad_first, centred) + _project(grad_second, squares)
+                grad_tau += grad_mass.view(1, -1, 1)
+            else:
+                # The log-joint's pass computes sum_c (a x'^2 + b x') + g for any a, b, g.
+                grad_tau += kernels.mixture_logits(
+                    values, reference, grad_second, grad_first, grad_mass
+                )
             grad_logit = tau * (grad_tau - (tau * grad_tau).sum(1, keepdim=True))
-            if needs[2]:
-                grad_alpha = component_sums(grad_logit, squares)
-            if needs[3]:
-                grad_beta = component_sums(grad_logit, centred)
+            if kernels is None:
+                grad_alpha = component_sums(grad_logit, squares) if needs[2] else None
+                grad_beta = component_sums(grad_logit, centred) if needs[3] else None
+            elif needs[2] or needs[3]:
+                grad_beta, grad_alpha = kernels.mixture_sums(values, reference, grad_logit)
+                grad_alpha, grad_beta = (
+                    (grad_alpha if needs[2] else None),
+                    (grad_beta if needs[3] else None),
+                )
             if needs[4]:
                 grad_gamma = grad_logit.sum((0, 2))
-            slope = torch.cat([slope, 2.0 * alpha])
-            offset = torch.cat([offset, beta])
-            weights = torch.cat([tau, grad_logit], 1)
 
         grad_x = None
-        if needs[0]:
+        if needs[0] and kernels is not None:
+            grad_x = kernels.mixture_input_grad(
+                grad,
+                values,
+                reference,
+                tau,
+                scale,
+                slope,
+                offset,
+                grad_logit if posterior_grad else None,
+                2.0 * alpha if posterior_grad else None,
+                beta if posterior_grad else None,
+            )
+        elif needs[0]:
+            if posterior_grad:
+                slope = torch.cat([slope, 2.0 * alpha])
+                offset = torch.cat([offset, beta])
+                weights = torch.cat([tau, grad_logit], 1)
             grad_x = expand_components(slope, weights, inner)
             grad_x.mul_(centred)
             _expand_components_add_(grad_x, offset, weights, inner)

@@ -1,5 +1,6 @@
-// Native CPU kernels of the supervised context layers' two steps with known context ids:
-// context_batch_norm (CN in training) and context_affine (CN in eval, CN-X, CN-E).
+// Native CPU kernels of the supervised context layers' steps with known context ids:
+// context_batch_norm (CN in training), context_affine (CN in eval) and learned_context_affine
+// (CN-X, CN-E); the module also carries the mixture layers' passes (native_mixture.cpp).
 //
 // They compute what contextnorm/functional/context.py computes (that module is the reference,
 // and the implementation on every other device, dtype and in traced graphs). On small inputs
@@ -92,49 +93,73 @@ void row_gradient_sums(const T* g, const T* x, int64_t n, T m, T& sum, T& centre
 // gain, full_scale = scale * weight, shift = bias - mean * full_scale. One (6, K, C) tensor.
 enum Row { kMean, kVar, kRoot, kScale, kFullScale, kShift, kRows };
 
+// The table's coefficient rows from its mean and var rows, for every context (contiguous in the
+// channels, so the loop is vectorised: thousands of contexts cost microseconds).
 template <typename T>
-void fill_coefficients(T* table, int64_t K, int64_t C, int64_t c, double eps, const T* gain,
+void fill_coefficients(T* table, int64_t K, int64_t C, double eps, const T* gain,
                        const T* weight, int64_t weight_stride, const T* bias,
                        int64_t bias_stride) {
   const int64_t plane = K * C;
+  const T e = static_cast<T>(eps);
   for (int64_t k = 0; k < K; ++k) {
-    const int64_t i = k * C + c;
-    const T root = T(1) / std::sqrt(table[kVar * plane + i] + static_cast<T>(eps));
-    const T scale = gain ? root * gain[k] : root;
-    const T full_scale = weight ? scale * weight[k * weight_stride + c] : scale;
-    const T b = bias ? bias[k * bias_stride + c] : T(0);
-    table[kRoot * plane + i] = root;
-    table[kScale * plane + i] = scale;
-    table[kFullScale * plane + i] = full_scale;
-    table[kShift * plane + i] = b - table[kMean * plane + i] * full_scale;
+    const T g = gain ? gain[k] : T(1);
+    const T* w = weight ? weight + k * weight_stride : nullptr;
+    const T* b = bias ? bias + k * bias_stride : nullptr;
+    T* row = table + k * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const T root = T(1) / std::sqrt(row[kVar * plane + c] + e);
+      const T scale = root * g;
+      const T full_scale = w ? scale * w[c] : scale;
+      row[kRoot * plane + c] = root;
+      row[kScale * plane + c] = scale;
+      row[kFullScale * plane + c] = full_scale;
+      row[kShift * plane + c] = (b ? b[c] : T(0)) - row[kMean * plane + c] * full_scale;
+    }
   }
+}
+
+// The contexts that hold a sample of the batch, in increasing order: the per-channel loops over
+// contexts visit these only, so their cost does not grow with K (a batch holds at most N).
+std::vector<int64_t> present_contexts(const int64_t* ids, int64_t N, int64_t K) {
+  std::vector<char> seen(K, 0);
+  for (int64_t n = 0; n < N; ++n) seen[ids[n]] = 1;
+  std::vector<int64_t> present;
+  for (int64_t k = 0; k < K; ++k) {
+    if (seen[k]) present.push_back(k);
+  }
+  return present;
 }
 
 // ---------------------------------------------------------------------------------------------
 // context_batch_norm: per-context batch statistics (two passes), then the affine map.
 
+// The mean and var rows of `table` (zero for the contexts without data: the running update skips
+// them), then its coefficients, then the output.
 template <typename T>
-void batch_norm_forward(const T* x, const int64_t* ids, int64_t N, int64_t C, int64_t L,
-                        int64_t K, double eps, const T* gain, const T* weight,
-                        int64_t weight_stride, const T* bias, int64_t bias_stride,
-                        const T* count, T* table, T* y) {
+void batch_norm_forward(const T* x, const int64_t* ids, const std::vector<int64_t>& present,
+                        int64_t N, int64_t C, int64_t L, int64_t K, double eps, const T* gain,
+                        const T* weight, int64_t weight_stride, const T* bias,
+                        int64_t bias_stride, const T* count, T* table, T* y) {
   const int64_t plane = K * C;
   T* mean = table + kMean * plane;
   T* var = table + kVar * plane;
+  std::fill(mean, mean + 2 * plane, T(0));
   at::parallel_for(0, C, grain(N * L), [&](int64_t begin, int64_t end) {
     std::vector<double> sums(K);
     for (int64_t c = begin; c < end; ++c) {
-      std::fill(sums.begin(), sums.end(), 0.0);
+      for (const int64_t k : present) sums[k] = 0.0;
       for (int64_t n = 0; n < N; ++n) sums[ids[n]] += row_sum(x + (n * C + c) * L, L);
-      // An empty context divides 0 by 1: mean 0, variance 0, which the running update skips.
-      for (int64_t k = 0; k < K; ++k)
-        mean[k * C + c] = static_cast<T>(sums[k] / std::max<double>(count[k], 1.0));
-      std::fill(sums.begin(), sums.end(), 0.0);
+      for (const int64_t k : present) mean[k * C + c] = static_cast<T>(sums[k] / count[k]);
+      for (const int64_t k : present) sums[k] = 0.0;
       for (int64_t n = 0; n < N; ++n)
         sums[ids[n]] += row_squared_deviation(x + (n * C + c) * L, L, mean[ids[n] * C + c]);
-      for (int64_t k = 0; k < K; ++k)
-        var[k * C + c] = static_cast<T>(sums[k] / std::max<double>(count[k], 1.0));
-      fill_coefficients(table, K, C, c, eps, gain, weight, weight_stride, bias, bias_stride);
+      for (const int64_t k : present) var[k * C + c] = static_cast<T>(sums[k] / count[k]);
+    }
+  });
+  fill_coefficients(table, K, C, eps, gain, weight, weight_stride, bias, bias_stride);
+  at::parallel_for(0, C, grain(N * L), [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
       for (int64_t n = 0; n < N; ++n) {
         const int64_t i = ids[n] * C + c;
         const T m = mean[i], s = table[kFullScale * plane + i];
@@ -148,19 +173,19 @@ void batch_norm_forward(const T* x, const int64_t* ids, int64_t N, int64_t C, in
   });
 }
 
-// BatchNorm's backward per context, and the per-context sums of g and g * (x - mean) (2, K, C).
+// BatchNorm's backward per context, and the per-context sums of g and g * (x - mean) (2, K, C),
+// which must come zeroed.
 template <typename T>
-void batch_norm_backward(const T* g, const T* x, const int64_t* ids, int64_t N, int64_t C,
-                         int64_t L, int64_t K, const T* table, const T* count, T* grad_x,
-                         T* sums) {
+void batch_norm_backward(const T* g, const T* x, const int64_t* ids,
+                         const std::vector<int64_t>& present, int64_t N, int64_t C, int64_t L,
+                         int64_t K, const T* table, const T* count, T* grad_x, T* sums) {
   const int64_t plane = K * C;
   const T* mean = table + kMean * plane;
   at::parallel_for(0, C, grain(N * L), [&](int64_t begin, int64_t end) {
     std::vector<double> shift(K), centred(K);
     std::vector<T> slope(K), offset(K);
     for (int64_t c = begin; c < end; ++c) {
-      std::fill(shift.begin(), shift.end(), 0.0);
-      std::fill(centred.begin(), centred.end(), 0.0);
+      for (const int64_t k : present) shift[k] = centred[k] = 0.0;
       for (int64_t n = 0; n < N; ++n) {
         T s, sc;
         const int64_t row = (n * C + c) * L;
@@ -168,7 +193,7 @@ void batch_norm_backward(const T* g, const T* x, const int64_t* ids, int64_t N, 
         shift[ids[n]] += s;
         centred[ids[n]] += sc;
       }
-      for (int64_t k = 0; k < K; ++k) {
+      for (const int64_t k : present) {
         const int64_t i = k * C + c;
         sums[i] = static_cast<T>(shift[k]);
         sums[plane + i] = static_cast<T>(centred[k]);
@@ -176,9 +201,8 @@ void batch_norm_backward(const T* g, const T* x, const int64_t* ids, int64_t N, 
         // (x - mean) and 1.
         const double full_scale = table[kFullScale * plane + i];
         const double root = table[kRoot * plane + i];
-        const double denominator = std::max<double>(count[k], 1.0);
-        slope[k] = static_cast<T>(full_scale * root * root * centred[k] / denominator);
-        offset[k] = static_cast<T>(full_scale * shift[k] / denominator);
+        slope[k] = static_cast<T>(full_scale * root * root * centred[k] / count[k]);
+        offset[k] = static_cast<T>(full_scale * shift[k] / count[k]);
       }
       if (grad_x == nullptr) continue;
       for (int64_t n = 0; n < N; ++n) {
@@ -196,17 +220,18 @@ void batch_norm_backward(const T* g, const T* x, const int64_t* ids, int64_t N, 
 // stored unbiased; momentum < 0 is the cumulative average 1 / (batches counted for the context).
 template <typename T>
 void update_running(T* running_mean, T* running_var, int64_t* batches, const T* table,
-                    const T* count, int64_t K, int64_t C, double momentum) {
+                    const T* count, const std::vector<int64_t>& present, int64_t K, int64_t C,
+                    double momentum) {
   const int64_t plane = K * C;
-  for (int64_t k = 0; k < K; ++k) {
-    if (count[k] <= 0) continue;
+  for (const int64_t k : present) {
     if (batches != nullptr) batches[k] += 1;
     const double rate =
         momentum >= 0 ? momentum : 1.0 / static_cast<double>(std::max<int64_t>(batches[k], 1));
     const double correction = count[k] > 1 ? count[k] / (count[k] - 1.0) : 1.0;
     for (int64_t c = 0; c < C; ++c) {
       const int64_t i = k * C + c;
-      running_mean[i] = static_cast<T>((1.0 - rate) * running_mean[i] + rate * table[kMean * plane + i]);
+      running_mean[i] =
+          static_cast<T>((1.0 - rate) * running_mean[i] + rate * table[kMean * plane + i]);
       running_var[i] = static_cast<T>((1.0 - rate) * running_var[i] +
                                       rate * correction * table[kVar * plane + i]);
     }
@@ -337,8 +362,9 @@ struct ContextBatchNorm : public torch::autograd::Function<ContextBatchNorm> {
       const int64_t* id = ids.data_ptr<int64_t>();
       scalar_t* counts = count.data_ptr<scalar_t>();
       for (int64_t n = 0; n < N; ++n) counts[id[n]] += static_cast<scalar_t>(L);
+      const auto present = present_contexts(id, N, K);
       batch_norm_forward<scalar_t>(
-          x.data_ptr<scalar_t>(), id, N, C, L, K, eps, data_or_null<scalar_t>(gain_),
+          x.data_ptr<scalar_t>(), id, present, N, C, L, K, eps, data_or_null<scalar_t>(gain_),
           data_or_null<scalar_t>(weight_), row_stride(weight, C), data_or_null<scalar_t>(bias_),
           row_stride(bias, C), counts, table.data_ptr<scalar_t>(), y.data_ptr<scalar_t>());
       if (given(running_mean) != nullptr) {
@@ -347,7 +373,7 @@ struct ContextBatchNorm : public torch::autograd::Function<ContextBatchNorm> {
                                  given(num_batches_tracked) != nullptr
                                      ? num_batches_tracked->data_ptr<int64_t>()
                                      : nullptr,
-                                 table.data_ptr<scalar_t>(), counts, K, C, momentum);
+                                 table.data_ptr<scalar_t>(), counts, present, K, C, momentum);
       }
     });
     ctx->save_for_backward({x, ids, table, count, given(weight) ? *weight : Tensor(),
@@ -379,10 +405,11 @@ struct ContextBatchNorm : public torch::autograd::Function<ContextBatchNorm> {
     Tensor grad_weight = gradient_for(needs(ctx, "weight"), weight);
     Tensor grad_bias = gradient_for(needs(ctx, "bias"), bias);
     Tensor none;
-    auto sums = at::empty({2, K, C}, x.options());
+    auto sums = at::zeros({2, K, C}, x.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "context_batch_norm_backward", [&] {
+      const int64_t* id = ids.data_ptr<int64_t>();
       batch_norm_backward<scalar_t>(
-          g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), ids.data_ptr<int64_t>(), N, C, L, K,
+          g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), id, present_contexts(id, N, K), N, C, L, K,
           table.data_ptr<scalar_t>(), count.data_ptr<scalar_t>(),
           grad_x.defined() ? grad_x.data_ptr<scalar_t>() : nullptr, sums.data_ptr<scalar_t>());
       table_gradients<scalar_t>(sums.data_ptr<scalar_t>(), table.data_ptr<scalar_t>(), nullptr, 0,
@@ -414,17 +441,18 @@ void affine_forward(const T* x, const int64_t* ids, int64_t N, int64_t C, int64_
   });
 }
 
-// Per-context sums of g and g * (x - mean) (2, K, C), and grad_x = g * full_scale[k].
+// Per-context sums of g and g * (x - mean) (2, K, C), which must come zeroed, and
+// grad_x = g * full_scale[k].
 template <typename T>
-void affine_backward(const T* g, const T* x, const int64_t* ids, int64_t N, int64_t C,
-                     int64_t L, int64_t K, const T* table, T* grad_x, T* sums) {
+void affine_backward(const T* g, const T* x, const int64_t* ids,
+                     const std::vector<int64_t>& present, int64_t N, int64_t C, int64_t L,
+                     int64_t K, const T* table, T* grad_x, T* sums) {
   const int64_t plane = K * C;
   const T* mean = table + kMean * plane;
   at::parallel_for(0, C, grain(N * L), [&](int64_t begin, int64_t end) {
     std::vector<double> shift(K), centred(K);
     for (int64_t c = begin; c < end; ++c) {
-      std::fill(shift.begin(), shift.end(), 0.0);
-      std::fill(centred.begin(), centred.end(), 0.0);
+      for (const int64_t k : present) shift[k] = centred[k] = 0.0;
       for (int64_t n = 0; n < N; ++n) {
         T s, sc;
         const int64_t i = ids[n] * C + c, row = (n * C + c) * L;
@@ -437,7 +465,7 @@ void affine_backward(const T* g, const T* x, const int64_t* ids, int64_t N, int6
           for (int64_t l = 0; l < L; ++l) grad_x[row + l] = g[row + l] * f;
         }
       }
-      for (int64_t k = 0; k < K; ++k) {
+      for (const int64_t k : present) {
         sums[k * C + c] = static_cast<T>(shift[k]);
         sums[plane + k * C + c] = static_cast<T>(centred[k]);
       }
@@ -453,11 +481,8 @@ Tensor affine_output(const Tensor& x, const Tensor& ids, Tensor& table, double e
   auto y = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "context_affine", [&] {
     scalar_t* t = table.data_ptr<scalar_t>();
-    for (int64_t c = 0; c < C; ++c) {
-      fill_coefficients(t, K, C, c, eps, data_or_null<scalar_t>(gain),
-                        data_or_null<scalar_t>(weight), row_stride(weight, C),
-                        data_or_null<scalar_t>(bias), row_stride(bias, C));
-    }
+    fill_coefficients(t, K, C, eps, data_or_null<scalar_t>(gain), data_or_null<scalar_t>(weight),
+                      row_stride(weight, C), data_or_null<scalar_t>(bias), row_stride(bias, C));
     affine_forward<scalar_t>(x.data_ptr<scalar_t>(), ids.data_ptr<int64_t>(), N, C, L, K, t,
                              y.data_ptr<scalar_t>());
   });
@@ -491,10 +516,11 @@ AffineGradients affine_gradients(AutogradContext* ctx, const variable_list& save
   out.bias = gradient_for(needs(ctx, "bias"), bias);
   out.mean = need_mean ? at::empty({K, C}, x.options()) : Tensor();
   out.var = need_var ? at::empty({K, C}, x.options()) : Tensor();
-  auto sums = at::empty({2, K, C}, x.options());
+  auto sums = at::zeros({2, K, C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "context_affine_backward", [&] {
-    affine_backward<scalar_t>(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                              ids.data_ptr<int64_t>(), N, C, L, K, table.data_ptr<scalar_t>(),
+    const int64_t* id = ids.data_ptr<int64_t>();
+    affine_backward<scalar_t>(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), id,
+                              present_contexts(id, N, K), N, C, L, K, table.data_ptr<scalar_t>(),
                               out.x.defined() ? out.x.data_ptr<scalar_t>() : nullptr,
                               sums.data_ptr<scalar_t>());
     table_gradients<scalar_t>(sums.data_ptr<scalar_t>(), table.data_ptr<scalar_t>(),
@@ -570,14 +596,22 @@ struct LearnedContextAffine : public torch::autograd::Function<LearnedContextAff
       const T *mop = data_or_null<T>(mo), *rop = data_or_null<T>(ro);
       T* t = table.data_ptr<T>();
       const int64_t plane = K * C;
-      for (int64_t i = 0; i < plane; ++i) {
-        const int64_t c = i % C;
-        const T raw = rp[i] + (rop ? rop[c] : T(0));
-        const T std = raw > T(20) ? raw : std::log1p(std::exp(raw));
-        const T slope = raw > T(20) ? T(1) : T(1) / (T(1) + std::exp(-raw));
-        t[kMean * plane + i] = mp[i] + (mop ? mop[c] : T(0));
-        t[kVar * plane + i] = std * std;
-        t[kVarSlope * plane + i] = T(2) * std * slope;
+      // Contexts without a sample in the batch get a neutral row (mean 0, var 1, no gradient):
+      // their softplus would be computed for nothing, and they can be thousands.
+      std::fill(t + kMean * plane, t + (kMean + 1) * plane, T(0));
+      std::fill(t + kVar * plane, t + (kVar + 1) * plane, T(1));
+      std::fill(t + kVarSlope * plane, t + (kVarSlope + 1) * plane, T(0));
+      for (const int64_t k : present_contexts(ids.data_ptr<int64_t>(), x.size(0), K)) {
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t i = k * C + c;
+          const T raw = rp[i] + (rop ? rop[c] : T(0));
+          const T exp = std::exp(std::min(raw, T(20)));
+          const T std = raw > T(20) ? raw : std::log1p(exp);
+          const T slope = raw > T(20) ? T(1) : exp / (T(1) + exp);
+          t[kMean * plane + i] = mp[i] + (mop ? mop[c] : T(0));
+          t[kVar * plane + i] = std * std;
+          t[kVarSlope * plane + i] = T(2) * std * slope;
+        }
       }
     });
     auto y = affine_output(x, ids, table, eps, contiguous(gain, "gain"), weight_, bias_);
@@ -637,10 +671,14 @@ Tensor context_affine(const Tensor& x, const Tensor& ids, const Tensor& mean, co
   return ContextAffine::apply(x, ids, mean, var, eps, gain, weight, bias);
 }
 
+// native_mixture.cpp: the mixture layers' passes.
+void register_mixture(pybind11::module& m);
+
 }  // namespace contextnorm
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("context_batch_norm", &contextnorm::context_batch_norm);
   m.def("context_affine", &contextnorm::context_affine);
   m.def("learned_context_affine", &contextnorm::learned_context_affine);
+  contextnorm::register_mixture(m);
 }

@@ -32,7 +32,7 @@ import torch
 __all__ = ["ENVIRONMENT_SWITCH", "enabled", "kernels"]
 
 ENVIRONMENT_SWITCH = "CONTEXTNORM_NATIVE"
-_SOURCE = Path(__file__).with_name("native.cpp")
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("native.cpp", "native_mixture.cpp"))
 _FLAGS = ("-O3", "-fopenmp-simd")
 # Wider vectors where the CPU has them (torch reports what it dispatches to); the flags are part
 # of the build's name, so machines sharing a cache directory never load each other's build.
@@ -56,21 +56,24 @@ def _build() -> ModuleType | None:
     flags = (*_FLAGS, *_VECTOR_FLAGS.get(torch.backends.cpu.get_cpu_capability(), ()))
     # The name changes with the source, the flags and the torch version, so that a cached build
     # is never loaded against other code, another CPU's instructions or another torch's ABI.
-    digest = hashlib.sha256(
-        _SOURCE.read_bytes() + " ".join((*flags, torch.__version__)).encode()
-    ).hexdigest()[:16]
+    digest = hashlib.sha256(" ".join((*flags, torch.__version__)).encode())
+    for source in _SOURCES:
+        digest.update(source.read_bytes())
     _LOG.info("loading contextnorm's native CPU kernels (built once per machine, ~30 s)")
     try:
         from torch.utils.cpp_extension import load
 
         return load(
-            name=f"contextnorm_native_{digest}",
-            sources=[str(_SOURCE)],
+            name=f"contextnorm_native_{digest.hexdigest()[:16]}",
+            sources=[str(source) for source in _SOURCES],
             extra_cflags=list(flags),
             verbose=False,
         )
     except Exception as error:  # noqa: BLE001 - any build failure falls back, with its cause
-        cause = " ".join(str(error).split())[:300]
+        # A compiler's output is long: its error lines say what went wrong.
+        lines = str(error).splitlines()
+        cause = " ".join(line for line in lines if "error:" in line) or " ".join(lines)
+        cause = " ".join(cause.split())[:500]
         warnings.warn(
             f"contextnorm's native CPU kernels could not be built ({type(error).__name__}: "
             f"{cause}); the context layers use their PyTorch implementation, which gives the same "
