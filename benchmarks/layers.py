@@ -129,11 +129,11 @@ class PyTorchImplementation(nn.Module):
         super().__init__()
         self.layer = layer
 
-    def forward(self, x: Tensor, context: object) -> Tensor:
+    def forward(self, x: Tensor, context: object = None) -> Tensor:
         previous = os.environ.get(native.ENVIRONMENT_SWITCH)
         os.environ[native.ENVIRONMENT_SWITCH] = "0"
         try:
-            return self.layer(x, context)
+            return self.layer(x) if context is None else self.layer(x, context)
         finally:
             if previous is None:
                 del os.environ[native.ENVIRONMENT_SWITCH]
@@ -213,6 +213,11 @@ def build_configurations(
         for k in MIXTURE_COUNTS:
             goal = ACN_TARGET if name.startswith("ACN") and k == ACN_TARGET_COUNT else None
             configurations.append(Configuration(name, k, build(k), (), goal))
+    if device.type == "cpu" and native.kernels() is not None:
+        for name in ("ACN (momentum)", "MixNorm"):
+            module = PyTorchImplementation(mixture_layers[name](ACN_TARGET_COUNT))
+            label = f"{name.removesuffix(')')}, PyTorch)" if "(" in name else f"{name} (PyTorch)"
+            configurations.append(Configuration(label, ACN_TARGET_COUNT, module, (None,)))
     configurations.append(Configuration("SwitchNorm", None, contextnorm.SwitchNorm(channels)))
     for configuration in configurations:
         if isinstance(configuration.module, nn.Module):
@@ -352,7 +357,7 @@ def machine_description(device: torch.device) -> dict[str, str]:
     elif native.kernels() is None:
         kernels = f"off ({native.ENVIRONMENT_SWITCH}=0 or not built): the PyTorch implementation"
     else:
-        kernels = "on (CN in training, CN/CN-X/CN-E with known ids)"
+        kernels = "on (CN, CN-X, CN-E with known ids; the ACN and MixNorm transform in training)"
     return {
         "machine": processor,
         "threads": str(torch.get_num_threads()),

@@ -19,6 +19,10 @@ number of contexts ``K``:
 The mixture layers (ACN, MixNorm) need a posterior per position, so they work on a
 positions view of the activations instead, again with matrix products over components.
 
+On the CPU, the hot steps run as native kernels compiled on first use
+(:mod:`~contextnorm.functional.native`); the PyTorch code here is their reference and runs
+everywhere else.
+
 Shapes: ``x`` is (N, C), (N, C, *spatial) or, with ``channel_last=True``, (N, *, C).
 Internally it is viewed as (N, C, L) without copying where the layout allows.
 """

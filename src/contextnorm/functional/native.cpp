@@ -633,14 +633,33 @@ struct LearnedContextAffine : public torch::autograd::Function<LearnedContextAff
       const bool need_raw = ctx->needs_input_grad(3) || needs(ctx, "raw_std_offset");
       const auto saved = ctx->get_saved_variables();
       auto g = affine_gradients(ctx, saved, grads[0], need_mean, need_raw);
-      if (need_raw) g.var.mul_(saved[2][kVarSlope]);  // now the gradient of raw
+      const Tensor& table = saved[2];
+      const int64_t K = table.size(1), C = table.size(2);
+      Tensor mean_offset = needs(ctx, "mean_offset") ? at::zeros({C}, table.options()) : Tensor();
+      Tensor raw_offset = needs(ctx, "raw_std_offset") ? at::zeros({C}, table.options()) : Tensor();
+      AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "learned_context_affine_backward", [&] {
+        using T = scalar_t;
+        const T* slope = table.data_ptr<T>() + kVarSlope * K * C;
+        T* gm = g.mean.defined() ? g.mean.data_ptr<T>() : nullptr;
+        T* gv = g.var.defined() ? g.var.data_ptr<T>() : nullptr;
+        T* mo = mean_offset.defined() ? mean_offset.data_ptr<T>() : nullptr;
+        T* ro = raw_offset.defined() ? raw_offset.data_ptr<T>() : nullptr;
+        for (int64_t k = 0; k < K; ++k) {
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t i = k * C + c;
+            if (gv) gv[i] *= slope[i];  // from var's gradient to raw's
+            if (mo) mo[c] += gm[i];
+            if (ro) ro[c] += gv[i];
+          }
+        }
+      });
       out[0] = g.x;
       out[2] = ctx->needs_input_grad(2) ? g.mean : Tensor();
       out[3] = ctx->needs_input_grad(3) ? g.var : Tensor();
       out[6] = g.weight;
       out[7] = g.bias;
-      if (needs(ctx, "mean_offset")) out[8] = g.mean.sum(0);
-      if (needs(ctx, "raw_std_offset")) out[9] = g.var.sum(0);
+      out[8] = mean_offset;
+      out[9] = raw_offset;
     }
     return once_differentiable(std::move(out), grads);
   }

@@ -1,16 +1,23 @@
-"""Native CPU kernels of :func:`~contextnorm.functional.context_batch_norm` and
-:func:`~contextnorm.functional.context_affine`, compiled on first use.
+"""Native CPU kernels of the layers' hot steps, compiled on first use.
 
-On small inputs the PyTorch implementation of a context layer is bound by the fixed cost of
-its ~40 tensor operations and its Python autograd node, not by arithmetic: on (32, 16, 8, 8)
-it takes about three times BatchNorm's time. ``native.cpp`` computes the same two steps in one
-pass per channel each way, with a C++ autograd node. It is built by
-:func:`torch.utils.cpp_extension.load` the first time a layer needs it (about 30 s with the
-system's C++ compiler, once per machine and torch version; the build is cached in
-``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and used for eager calls on
-the CPU in float32 or float64 with contiguous activations. Everything else (CUDA, half
-precision, channel-last views, ``torch.compile``, export) runs the PyTorch implementation,
-which is the reference the native kernels are tested against.
+- ``native.cpp``: :func:`~contextnorm.functional.context_batch_norm`,
+  :func:`~contextnorm.functional.context_affine` and
+  :func:`~contextnorm.functional.learned_context_affine` (CN, CN-X, CN-E with known ids), each
+  one C++ autograd node. On small inputs the PyTorch implementation of a context layer is bound
+  by the fixed cost of its ~40 tensor operations and its Python autograd node, not by
+  arithmetic: on (32, 16, 8, 8) it takes two to three times BatchNorm's time.
+- ``native_mixture.cpp``: the passes over the activations of the mixture transform
+  (:func:`~contextnorm.functional.batch_mixture_norm`: ACN and MixNorm in training), which
+  compute ``x - reference`` on the fly instead of materialising it and its square for a dozen
+  batched matrix products; the autograd function and its small algebra stay in Python.
+
+They are built by :func:`torch.utils.cpp_extension.load` the first time a layer needs them
+(about 30 s with the system's C++ compiler, once per machine, torch version and source; the
+build is cached in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and
+used for eager calls on the CPU in float32 or float64 with contiguous activations. Everything
+else (CUDA, half precision, channel-last layouts, several processes for the mixture
+transform, ``torch.compile``, export) runs the PyTorch implementation, which is the reference
+the native kernels are tested against (``tests/test_native.py``).
 
 ``CONTEXTNORM_NATIVE=0`` in the environment turns the native kernels off. A failed build
 (no C++ compiler, say) warns once, naming the cause, and the layers use the PyTorch
