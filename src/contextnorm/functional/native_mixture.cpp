@@ -67,6 +67,13 @@ std::vector<double> sum_over_samples(int64_t N, int64_t size, int64_t values_per
   return total;
 }
 
+// x' = row - rc for one row of L positions, into d.
+template <typename T>
+void centre(const T* row, T rc, int64_t L, T* d) {
+#pragma omp simd
+  for (int64_t l = 0; l < L; ++l) d[l] = row[l] - rc;
+}
+
 int64_t sample_grain(int64_t values_per_sample) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, values_per_sample));
 }
@@ -103,10 +110,7 @@ Tensor mixture_logits(const Tensor& x, const Tensor& reference, const Tensor& al
         T* on = o + n * K * L;
         for (int64_t k = 0; k < K; ++k) std::fill(on + k * L, on + (k + 1) * L, g[k]);
         for (int64_t c = 0; c < C; ++c) {
-          const T* row = xp + (n * C + c) * L;
-          const T rc = r[c];
-_Pragma("omp simd")
-          for (int64_t l = 0; l < L; ++l) d[l] = row[l] - rc;
+          centre(xp + (n * C + c) * L, r[c], L, d.data());
           for (int64_t k = 0; k < K; ++k) {
             const T ak = a[k * C + c], bk = b[k * C + c];
             T* ok = on + k * L;
@@ -132,10 +136,7 @@ Tensor mixture_sums(const Tensor& x, const Tensor& reference, const Tensor& weig
     auto total = sum_over_samples(N, 2 * K * C, C * L, [&](int64_t n, double* acc) {
       std::vector<T> dn(L);
       for (int64_t c = 0; c < C; ++c) {
-        const T* row = xp + (n * C + c) * L;
-        const T rc = r[c];
-_Pragma("omp simd")
-        for (int64_t l = 0; l < L; ++l) dn[l] = row[l] - rc;
+        centre(xp + (n * C + c) * L, r[c], L, dn.data());
         for (int64_t k = 0; k < K; ++k) {
           const T* wk = w + (n * K + k) * L;
           T first = 0, second = 0;
@@ -174,14 +175,9 @@ Tensor mixture_output(const Tensor& x, const Tensor& reference, const Tensor& ta
       std::vector<T> d(L);
       for (int64_t n = begin; n < end; ++n) {
         for (int64_t c = 0; c < C; ++c) {
-          const T* row = xp + (n * C + c) * L;
           T* out = yp + (n * C + c) * L;
-          const T rc = r[c];
-_Pragma("omp simd")
-          for (int64_t l = 0; l < L; ++l) {
-            d[l] = row[l] - rc;
-            out[l] = 0;
-          }
+          centre(xp + (n * C + c) * L, r[c], L, d.data());
+          std::fill(out, out + L, T(0));
           for (int64_t k = 0; k < K; ++k) {
             const T sk = s[k * C + c], hk = h[k * C + c];
             const T* tk = t + (n * K + k) * L;
@@ -220,11 +216,8 @@ std::vector<Tensor> mixture_output_backward(const Tensor& grad, const Tensor& x,
     auto total = sum_over_samples(N, 2 * K * C, C * L, [&](int64_t n, double* acc) {
       std::vector<T> d(L);
       for (int64_t c = 0; c < C; ++c) {
-        const T* row = xp + (n * C + c) * L;
         const T* g = gp + (n * C + c) * L;
-        const T rc = r[c];
-_Pragma("omp simd")
-        for (int64_t l = 0; l < L; ++l) d[l] = row[l] - rc;
+        centre(xp + (n * C + c) * L, r[c], L, d.data());
         for (int64_t k = 0; k < K; ++k) {
           const T* tk = t + (n * K + k) * L;
           T centred = 0, plain = 0;
