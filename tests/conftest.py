@@ -51,6 +51,15 @@ def svhn_root(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _native_kernels_built() -> None:
+    """Build the native CPU kernels (once per machine, ~30 s) before any test runs, so that the
+    build never happens inside a test's spawned processes and their timeouts."""
+    from contextnorm.functional import native
+
+    native.kernels()
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """Small networks train many times faster on one thread than on two busy cores."""

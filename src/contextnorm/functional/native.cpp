@@ -93,15 +93,15 @@ void row_gradient_sums(const T* g, const T* x, int64_t n, T m, T& sum, T& centre
 // gain, full_scale = scale * weight, shift = bias - mean * full_scale. One (6, K, C) tensor.
 enum Row { kMean, kVar, kRoot, kScale, kFullScale, kShift, kRows };
 
-// The table's coefficient rows from its mean and var rows, for every context (contiguous in the
-// channels, so the loop is vectorised: thousands of contexts cost microseconds).
+// The table's coefficient rows from its mean and var rows, for the contexts `rows` (those of the
+// batch: the others' coefficients are never read).
 template <typename T>
-void fill_coefficients(T* table, int64_t K, int64_t C, double eps, const T* gain,
-                       const T* weight, int64_t weight_stride, const T* bias,
-                       int64_t bias_stride) {
+void fill_coefficients(T* table, const std::vector<int64_t>& rows, int64_t K, int64_t C,
+                       double eps, const T* gain, const T* weight, int64_t weight_stride,
+                       const T* bias, int64_t bias_stride) {
   const int64_t plane = K * C;
   const T e = static_cast<T>(eps);
-  for (int64_t k = 0; k < K; ++k) {
+  for (const int64_t k : rows) {
     const T g = gain ? gain[k] : T(1);
     const T* w = weight ? weight + k * weight_stride : nullptr;
     const T* b = bias ? bias + k * bias_stride : nullptr;
@@ -157,7 +157,7 @@ void batch_norm_forward(const T* x, const int64_t* ids, const std::vector<int64_
       for (const int64_t k : present) var[k * C + c] = static_cast<T>(sums[k] / count[k]);
     }
   });
-  fill_coefficients(table, K, C, eps, gain, weight, weight_stride, bias, bias_stride);
+  fill_coefficients(table, present, K, C, eps, gain, weight, weight_stride, bias, bias_stride);
   at::parallel_for(0, C, grain(N * L), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       for (int64_t n = 0; n < N; ++n) {
@@ -267,18 +267,19 @@ void check_arguments(const Tensor& x, const Tensor& ids, int64_t K,
 // Gradients of the small inputs from the per-context sums of g (sums[0]) and of g * (x - mean)
 // (sums[1]): weight and bias, per context (K, C) or summed over contexts when shared (C,), and the
 // statistics given to context_affine: y = (x - mean) * root * scale_factors + bias, with
-// d root / d var = -root^3 / 2. An output is skipped when its tensor is undefined.
+// d root / d var = -root^3 / 2. An output is skipped when its tensor is undefined; only the
+// contexts `rows` (those of the batch) are written: the others' gradients must come zeroed.
 template <typename T>
-void table_gradients(const T* sums, const T* table, const T* weight, int64_t weight_stride,
-                     int64_t K, int64_t C, Tensor& grad_weight, Tensor& grad_bias,
-                     Tensor& grad_mean, Tensor& grad_var) {
+void table_gradients(const T* sums, const T* table, const std::vector<int64_t>& rows,
+                     const T* weight, int64_t weight_stride, int64_t K, int64_t C,
+                     Tensor& grad_weight, Tensor& grad_bias, Tensor& grad_mean, Tensor& grad_var) {
   const int64_t plane = K * C;
   T* gw = grad_weight.defined() ? grad_weight.data_ptr<T>() : nullptr;
   T* gb = grad_bias.defined() ? grad_bias.data_ptr<T>() : nullptr;
   T* gm = grad_mean.defined() ? grad_mean.data_ptr<T>() : nullptr;
   T* gv = grad_var.defined() ? grad_var.data_ptr<T>() : nullptr;
   const bool weight_rows = gw && grad_weight.dim() == 2, bias_rows = gb && grad_bias.dim() == 2;
-  for (int64_t k = 0; k < K; ++k) {
+  for (const int64_t k : rows) {
     for (int64_t c = 0; c < C; ++c) {
       const int64_t i = k * C + c;
       const T shift = sums[i], centred = sums[plane + i];
@@ -408,12 +409,13 @@ struct ContextBatchNorm : public torch::autograd::Function<ContextBatchNorm> {
     auto sums = at::zeros({2, K, C}, x.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "context_batch_norm_backward", [&] {
       const int64_t* id = ids.data_ptr<int64_t>();
+      const auto present = present_contexts(id, N, K);
       batch_norm_backward<scalar_t>(
-          g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), id, present_contexts(id, N, K), N, C, L, K,
+          g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), id, present, N, C, L, K,
           table.data_ptr<scalar_t>(), count.data_ptr<scalar_t>(),
           grad_x.defined() ? grad_x.data_ptr<scalar_t>() : nullptr, sums.data_ptr<scalar_t>());
-      table_gradients<scalar_t>(sums.data_ptr<scalar_t>(), table.data_ptr<scalar_t>(), nullptr, 0,
-                                K, C, grad_weight, grad_bias, none, none);
+      table_gradients<scalar_t>(sums.data_ptr<scalar_t>(), table.data_ptr<scalar_t>(), present,
+                                nullptr, 0, K, C, grad_weight, grad_bias, none, none);
     });
     out[0] = grad_x;
     out[5] = grad_weight;
@@ -481,7 +483,8 @@ Tensor affine_output(const Tensor& x, const Tensor& ids, Tensor& table, double e
   auto y = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "context_affine", [&] {
     scalar_t* t = table.data_ptr<scalar_t>();
-    fill_coefficients(t, K, C, eps, data_or_null<scalar_t>(gain), data_or_null<scalar_t>(weight),
+    fill_coefficients(t, present_contexts(ids.data_ptr<int64_t>(), N, K), K, C, eps,
+                      data_or_null<scalar_t>(gain), data_or_null<scalar_t>(weight),
                       row_stride(weight, C), data_or_null<scalar_t>(bias), row_stride(bias, C));
     affine_forward<scalar_t>(x.data_ptr<scalar_t>(), ids.data_ptr<int64_t>(), N, C, L, K, t,
                              y.data_ptr<scalar_t>());
@@ -514,16 +517,17 @@ AffineGradients affine_gradients(AutogradContext* ctx, const variable_list& save
   out.x = ctx->needs_input_grad(0) ? at::empty_like(x) : Tensor();
   out.weight = gradient_for(needs(ctx, "weight"), weight);
   out.bias = gradient_for(needs(ctx, "bias"), bias);
-  out.mean = need_mean ? at::empty({K, C}, x.options()) : Tensor();
-  out.var = need_var ? at::empty({K, C}, x.options()) : Tensor();
+  out.mean = need_mean ? at::zeros({K, C}, x.options()) : Tensor();
+  out.var = need_var ? at::zeros({K, C}, x.options()) : Tensor();
   auto sums = at::zeros({2, K, C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "context_affine_backward", [&] {
     const int64_t* id = ids.data_ptr<int64_t>();
-    affine_backward<scalar_t>(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), id,
-                              present_contexts(id, N, K), N, C, L, K, table.data_ptr<scalar_t>(),
+    const auto present = present_contexts(id, N, K);
+    affine_backward<scalar_t>(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), id, present, N, C,
+                              L, K, table.data_ptr<scalar_t>(),
                               out.x.defined() ? out.x.data_ptr<scalar_t>() : nullptr,
                               sums.data_ptr<scalar_t>());
-    table_gradients<scalar_t>(sums.data_ptr<scalar_t>(), table.data_ptr<scalar_t>(),
+    table_gradients<scalar_t>(sums.data_ptr<scalar_t>(), table.data_ptr<scalar_t>(), present,
                               weight.defined() ? weight.data_ptr<scalar_t>() : nullptr,
                               weight.defined() && weight.dim() == 2 ? C : 0, K, C, out.weight,
                               out.bias, out.mean, out.var);
@@ -587,28 +591,27 @@ struct LearnedContextAffine : public torch::autograd::Function<LearnedContextAff
     check_arguments(x, ids, K, {{"gain", &gain}, {"weight", &weight}, {"bias", &bias}});
     const auto weight_ = contiguous(weight, "weight"), bias_ = contiguous(bias, "bias");
     auto table = at::empty({kRows + 1, K, C}, x.options());
+    TORCH_CHECK(mean.device().is_cpu() && raw_std.device().is_cpu(),
+                "contextnorm's native kernels got mean or raw_std off the CPU with the input on it");
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "learned_context_affine", [&] {
       using T = scalar_t;
-      const auto m = contiguous(mean, "mean"), r = contiguous(raw_std, "raw_std");
+      // Read through their strides (CN-E passes its encoders' transposed weights): only the
+      // rows of the contexts in the batch are read, and only theirs are written; the other
+      // rows of the table are never read, and there can be thousands of them.
+      const auto m = mean.accessor<T, 2>(), r = raw_std.accessor<T, 2>();
       const auto mo = contiguous(mean_offset, "mean_offset");
       const auto ro = contiguous(raw_std_offset, "raw_std_offset");
-      const T *mp = m.data_ptr<T>(), *rp = r.data_ptr<T>();
       const T *mop = data_or_null<T>(mo), *rop = data_or_null<T>(ro);
       T* t = table.data_ptr<T>();
       const int64_t plane = K * C;
-      // Contexts without a sample in the batch get a neutral row (mean 0, var 1, no gradient):
-      // their softplus would be computed for nothing, and they can be thousands.
-      std::fill(t + kMean * plane, t + (kMean + 1) * plane, T(0));
-      std::fill(t + kVar * plane, t + (kVar + 1) * plane, T(1));
-      std::fill(t + kVarSlope * plane, t + (kVarSlope + 1) * plane, T(0));
       for (const int64_t k : present_contexts(ids.data_ptr<int64_t>(), x.size(0), K)) {
         for (int64_t c = 0; c < C; ++c) {
           const int64_t i = k * C + c;
-          const T raw = rp[i] + (rop ? rop[c] : T(0));
+          const T raw = r[k][c] + (rop ? rop[c] : T(0));
           const T exp = std::exp(std::min(raw, T(20)));
           const T std = raw > T(20) ? raw : std::log1p(exp);
           const T slope = raw > T(20) ? T(1) : exp / (T(1) + exp);
-          t[kMean * plane + i] = mp[i] + (mop ? mop[c] : T(0));
+          t[kMean * plane + i] = m[k][c] + (mop ? mop[c] : T(0));
           t[kVar * plane + i] = std * std;
           t[kVarSlope * plane + i] = T(2) * std * slope;
         }
@@ -644,7 +647,9 @@ struct LearnedContextAffine : public torch::autograd::Function<LearnedContextAff
         T* gv = g.var.defined() ? g.var.data_ptr<T>() : nullptr;
         T* mo = mean_offset.defined() ? mean_offset.data_ptr<T>() : nullptr;
         T* ro = raw_offset.defined() ? raw_offset.data_ptr<T>() : nullptr;
-        for (int64_t k = 0; k < K; ++k) {
+        // The other contexts' gradients are zero (affine_gradients zeroed them).
+        const Tensor& ids = saved[1];
+        for (const int64_t k : present_contexts(ids.data_ptr<int64_t>(), ids.size(0), K)) {
           for (int64_t c = 0; c < C; ++c) {
             const int64_t i = k * C + c;
             if (gv) gv[i] *= slope[i];  // from var's gradient to raw's
