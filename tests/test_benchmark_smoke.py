@@ -29,12 +29,20 @@ def layers_script():
 
 
 def test_targets_apply_to_the_context_layers_on_the_small_and_large_shapes(layers_script):
-    configurations = layers_script.build_configurations(
+    """CN, CN-X and CN-E have a goal on both shapes, ACN (K = 3) on the large one only."""
+    small = layers_script.build_configurations(
         16, 32, torch.device("cpu"), 0, layers_script.SMALL_SHAPE
     )
-    targeted = {c.layer for c in configurations if c.target is not None}
-    assert targeted == {"CN", "CN-X", "CN-E", "ACN (momentum)", "ACN (gradient)"}
-    assert {c.target for c in configurations if c.layer == "CN"} == {1.5}
+    targeted = {c.layer for c in small if c.target is not None}
+    assert targeted == {"CN", "CN-X", "CN-E"}
+    assert {c.target for c in small if c.layer == "CN"} == {1.5}
+    large = layers_script.build_configurations(
+        8, 4, torch.device("cpu"), 0, layers_script.LARGE_SHAPE
+    )
+    goals = {(c.layer, c.num_contexts): c.target for c in large if c.target is not None}
+    assert goals[("ACN (momentum)", 3)] == goals[("ACN (gradient)", 3)] == 3.0
+    assert ("ACN (momentum)", 8) not in goals
+    assert {c.target for c in large if c.layer == "CN"} == {1.2}
 
 
 def test_quick_run_writes_a_row_per_configuration(layers_script, tmp_path):
