@@ -278,6 +278,9 @@ void table_gradients(const T* sums, const T* table, const std::vector<int64_t>& 
   T* gb = grad_bias.defined() ? grad_bias.data_ptr<T>() : nullptr;
   T* gm = grad_mean.defined() ? grad_mean.data_ptr<T>() : nullptr;
   T* gv = grad_var.defined() ? grad_var.data_ptr<T>() : nullptr;
+  // The statistics' gradients may be laid out as their inputs were (see layout_of).
+  const int64_t m0 = gm ? grad_mean.stride(0) : 0, m1 = gm ? grad_mean.stride(1) : 0;
+  const int64_t v0 = gv ? grad_var.stride(0) : 0, v1 = gv ? grad_var.stride(1) : 0;
   const bool weight_rows = gw && grad_weight.dim() == 2, bias_rows = gb && grad_bias.dim() == 2;
   for (const int64_t k : rows) {
     for (int64_t c = 0; c < C; ++c) {
@@ -286,10 +289,10 @@ void table_gradients(const T* sums, const T* table, const std::vector<int64_t>& 
       const T scale = table[kScale * plane + i], root = table[kRoot * plane + i];
       if (gw) gw[weight_rows ? i : c] += centred * scale;
       if (gb) gb[bias_rows ? i : c] += shift;
-      if (gm) gm[i] = -shift * table[kFullScale * plane + i];
+      if (gm) gm[k * m0 + c * m1] = -shift * table[kFullScale * plane + i];
       if (gv) {
         const T w = weight ? weight[k * weight_stride + c] : T(1);
-        gv[i] = centred * w * scale * root * root * T(-0.5);
+        gv[k * v0 + c * v1] = centred * w * scale * root * root * T(-0.5);
       }
     }
   }
@@ -298,6 +301,20 @@ void table_gradients(const T* sums, const T* table, const std::vector<int64_t>& 
 // A zero gradient shaped as the argument it belongs to, if autograd needs it.
 Tensor gradient_for(bool needed, const Tensor& like) {
   return needed ? at::zeros_like(like, at::MemoryFormat::Contiguous) : Tensor();
+}
+
+// Whether a (K, C) statistic came as the transpose of a contiguous (C, K) tensor (CN-E's
+// encoder weights): its gradient is then made in that layout, so that the parameter receives it
+// without a copy.
+bool transposed(const Tensor& t) {
+  return t.dim() == 2 && t.size(0) > 1 && t.stride(0) == 1 && t.stride(1) == t.size(0);
+}
+
+// A zero (K, C) gradient for a statistic, laid out as `transposed` recorded.
+Tensor statistic_gradient(bool needed, bool in_transpose, int64_t K, int64_t C,
+                          const at::TensorOptions& options) {
+  if (!needed) return Tensor();
+  return in_transpose ? at::zeros({C, K}, options).t() : at::zeros({K, C}, options);
 }
 
 // Edge (index among the tensor arguments given) of each optional argument, -1 when absent:
@@ -509,6 +526,8 @@ struct AffineGradients {
 // unpacking per backward).
 AffineGradients affine_gradients(AutogradContext* ctx, const variable_list& saved,
                                  const Tensor& grad, bool need_mean, bool need_var) {
+  const bool mean_t = ctx->saved_data["mean_transposed"].toBool();
+  const bool var_t = ctx->saved_data["var_transposed"].toBool();
   const Tensor &x = saved[0], &ids = saved[1], &table = saved[2], &weight = saved[3];
   const Tensor& bias = saved[4];
   const auto g = grad.contiguous();
@@ -517,8 +536,8 @@ AffineGradients affine_gradients(AutogradContext* ctx, const variable_list& save
   out.x = ctx->needs_input_grad(0) ? at::empty_like(x) : Tensor();
   out.weight = gradient_for(needs(ctx, "weight"), weight);
   out.bias = gradient_for(needs(ctx, "bias"), bias);
-  out.mean = need_mean ? at::zeros({K, C}, x.options()) : Tensor();
-  out.var = need_var ? at::zeros({K, C}, x.options()) : Tensor();
+  out.mean = statistic_gradient(need_mean, mean_t, K, C, x.options());
+  out.var = statistic_gradient(need_var, var_t, K, C, x.options());
   auto sums = at::zeros({2, K, C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "context_affine_backward", [&] {
     const int64_t* id = ids.data_ptr<int64_t>();
@@ -551,6 +570,8 @@ struct ContextAffine : public torch::autograd::Function<ContextAffine> {
     auto y = affine_output(x, ids, table, eps, contiguous(gain, "gain"), weight_, bias_);
     save_affine(ctx, x, ids, table, weight_, bias_);
     record_edges(ctx, 4, {{"gain", &gain}, {"weight", &weight}, {"bias", &bias}});
+    ctx->saved_data["mean_transposed"] = transposed(mean);
+    ctx->saved_data["var_transposed"] = transposed(var);
     return y;
   }
 
@@ -619,6 +640,8 @@ struct LearnedContextAffine : public torch::autograd::Function<LearnedContextAff
     });
     auto y = affine_output(x, ids, table, eps, contiguous(gain, "gain"), weight_, bias_);
     save_affine(ctx, x, ids, table, weight_, bias_);
+    ctx->saved_data["mean_transposed"] = transposed(mean);
+    ctx->saved_data["var_transposed"] = transposed(raw_std);
     record_edges(ctx, 4,
                  {{"gain", &gain},
                   {"weight", &weight},
@@ -649,12 +672,16 @@ struct LearnedContextAffine : public torch::autograd::Function<LearnedContextAff
         T* ro = raw_offset.defined() ? raw_offset.data_ptr<T>() : nullptr;
         // The other contexts' gradients are zero (affine_gradients zeroed them).
         const Tensor& ids = saved[1];
+        const int64_t m0 = gm ? g.mean.stride(0) : 0, m1 = gm ? g.mean.stride(1) : 0;
+        const int64_t v0 = gv ? g.var.stride(0) : 0, v1 = gv ? g.var.stride(1) : 0;
         for (const int64_t k : present_contexts(ids.data_ptr<int64_t>(), ids.size(0), K)) {
           for (int64_t c = 0; c < C; ++c) {
-            const int64_t i = k * C + c;
-            if (gv) gv[i] *= slope[i];  // from var's gradient to raw's
-            if (mo) mo[c] += gm[i];
-            if (ro) ro[c] += gv[i];
+            if (gv) {
+              T& grad_raw = gv[k * v0 + c * v1];
+              grad_raw *= slope[k * C + c];  // from var's gradient to raw's
+              if (ro) ro[c] += grad_raw;
+            }
+            if (mo) mo[c] += gm[k * m0 + c * m1];
           }
         }
       });
