@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -445,18 +446,35 @@ def test_momentum_none_without_a_counter_is_refused() -> None:
         )  # fmt: skip
 
 
-def test_a_failed_build_warns_once_and_the_layers_still_work(
+def broken_build(*args: object, **kwargs: object) -> None:
+    raise RuntimeError("Error building extension: g++ not found")
+
+
+def test_a_finished_build_is_imported_without_the_build_system(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from torch.utils import cpp_extension
 
-    def broken(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("Error building extension: g++ not found")
+    monkeypatch.setattr(cpp_extension, "load", broken_build)
+    native._build.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert native.kernels() is not None
+    finally:
+        native._build.cache_clear()
+
+
+def test_a_failed_build_warns_once_and_the_layers_still_work(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from torch.utils import cpp_extension
 
     layer = cn.ContextNorm(3, 2)
     x, ids = torch.randn(4, 3, 5), torch.tensor([0, 1, 1, 0])
     expected = layer(x, ids)
-    monkeypatch.setattr(cpp_extension, "load", broken)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # no finished build there
+    monkeypatch.setattr(cpp_extension, "load", broken_build)
     native._build.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="could not be built .*g\\+\\+ not found"):

@@ -13,7 +13,8 @@
 
 They are built by :func:`torch.utils.cpp_extension.load` the first time a layer needs them
 (about 30 s with the system's C++ compiler, once per machine, torch version and source; the
-build is cached in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and
+build is kept in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, and later
+processes import it directly) and
 used for eager calls on the CPU in float32 or float64 with contiguous activations. Everything
 else (CUDA, half precision, channel-last layouts, several processes for the mixture
 transform, ``torch.compile``, export) runs the PyTorch implementation, which is the reference
@@ -28,8 +29,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.machinery
+import importlib.util
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -52,6 +56,31 @@ def enabled() -> bool:
     return os.environ.get(ENVIRONMENT_SWITCH, "1").strip() != "0"
 
 
+def _cache_root() -> Path:
+    """Where builds are kept: ``TORCH_EXTENSIONS_DIR``, else ``~/.cache/torch_extensions``."""
+    configured = os.environ.get("TORCH_EXTENSIONS_DIR")
+    return Path(configured) if configured else Path.home() / ".cache" / "torch_extensions"
+
+
+def _import_built(name: str, directory: Path) -> ModuleType | None:
+    """The finished build of this exact source and configuration, imported without asking the
+    build system (which checks every source's path and time, ~1.5 s, and rebuilds for a
+    checkout elsewhere); ``None`` when there is none or it does not load."""
+    library = directory / f"{name}{importlib.machinery.EXTENSION_SUFFIXES[-1]}"
+    if not library.exists():
+        library = directory / f"{name}.so"
+    if not library.exists():
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(name, library)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except (ImportError, OSError, AssertionError):
+        return None  # an interrupted or foreign build: build it again
+    return module
+
+
 def kernels() -> ModuleType | None:
     """The compiled kernels, building them on the first call; ``None`` when turned off (read on
     every call) or when the build failed (with a warning naming the cause)."""
@@ -61,19 +90,29 @@ def kernels() -> ModuleType | None:
 @functools.cache
 def _build() -> ModuleType | None:
     flags = (*_FLAGS, *_VECTOR_FLAGS.get(torch.backends.cpu.get_cpu_capability(), ()))
-    # The name changes with the source, the flags and the torch version, so that a cached build
-    # is never loaded against other code, another CPU's instructions or another torch's ABI.
-    digest = hashlib.sha256(" ".join((*flags, torch.__version__)).encode())
+    # The name changes with the source, the flags, the Python and the torch version, so that a
+    # cached build is never loaded against other code, another CPU's instructions or another
+    # ABI; and it does not depend on where the sources lie, so checkouts share a build.
+    digest = hashlib.sha256(
+        " ".join((*flags, torch.__version__, sys.implementation.cache_tag, sys.platform)).encode()
+    )
     for source in _SOURCES:
         digest.update(source.read_bytes())
-    _LOG.info("loading contextnorm's native CPU kernels (built once per machine, ~30 s)")
+    name = f"contextnorm_native_{digest.hexdigest()[:16]}"
+    directory = _cache_root() / name
+    built = _import_built(name, directory)
+    if built is not None:
+        return built
+    _LOG.info("building contextnorm's native CPU kernels (once per machine and version, ~30 s)")
     try:
         from torch.utils.cpp_extension import load
 
+        directory.mkdir(parents=True, exist_ok=True)
         return load(
-            name=f"contextnorm_native_{digest.hexdigest()[:16]}",
+            name=name,
             sources=[str(source) for source in _SOURCES],
             extra_cflags=list(flags),
+            build_directory=str(directory),
             verbose=False,
         )
     except Exception as error:  # noqa: BLE001 - any build failure falls back, with its cause
