@@ -3,33 +3,11 @@
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 from torch import Tensor
 
 from . import native
 from .moments import cast, running_rate, statistics_dtype, update_running_moments
-
-
-def _native_kernels(x: Tensor, *tensors: Tensor | None) -> ModuleType | None:
-    """The native kernels when they apply to this call (:mod:`~contextnorm.functional.native`):
-    eager, on the CPU, ``x`` a plain contiguous tensor in float32 or float64 and every other
-    tensor of its dtype (the kernels check that they are on the CPU too)."""
-    dtype = x.dtype
-    if (
-        type(x) is not Tensor  # fake, functional and other subclass tensors: tracing, export
-        or x.device.type != "cpu"
-        or dtype not in (torch.float32, torch.float64)
-        or not x.is_contiguous()
-        or torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
-    ):
-        return None
-    for tensor in tensors:
-        if tensor is not None and tensor.dtype != dtype:
-            return None
-    return native.kernels()
 
 
 def sample_log_posterior(
@@ -87,7 +65,7 @@ def context_affine(
     Eager calls on the CPU in float32 or float64 run the native kernel
     (:mod:`~contextnorm.functional.native`); everything else this PyTorch implementation.
     """
-    kernels = _native_kernels(x, mean, var, gain, weight, bias)
+    kernels = native.kernels_for(x, mean, var, gain, weight, bias)
     if kernels is not None:
         return kernels.context_affine(x, ids, mean, var, eps, gain, weight, bias)
     return _ContextAffine.apply(x, ids, mean, var, eps, gain, weight, bias)
@@ -114,7 +92,7 @@ def learned_context_affine(
     native kernel's autograd node (:mod:`~contextnorm.functional.native`); elsewhere this is the
     composition of the statistics and :func:`context_affine`.
     """
-    kernels = _native_kernels(x, mean, raw_std, gain, weight, bias, mean_offset, raw_std_offset)
+    kernels = native.kernels_for(x, mean, raw_std, gain, weight, bias, mean_offset, raw_std_offset)
     if kernels is not None:
         return kernels.learned_context_affine(
             x, ids, mean, raw_std, eps, gain, weight, bias, mean_offset, raw_std_offset
@@ -235,7 +213,7 @@ def context_batch_norm(
             "momentum=None (the cumulative average) counts batches in num_batches_tracked; "
             "pass it, or a float momentum"
         )
-    kernels = _native_kernels(x, gain, weight, bias, running_mean, running_var)
+    kernels = native.kernels_for(x, gain, weight, bias, running_mean, running_var)
     # The running statistics are updated in place.
     running = (running_mean, running_var, num_batches_tracked)
     if kernels is not None and all(t is None or t.is_contiguous() for t in running):

@@ -299,24 +299,13 @@ def _coefficients(
 
 
 def _native_passes(x: Tensor, inner: bool, group: object, *tables: Tensor | None):
-    """The native passes (:mod:`~contextnorm.functional.native`) when they apply: eager, one
-    process, ``x`` a plain contiguous CPU tensor with positions innermost in float32 or float64,
-    the coefficients in its dtype. ``None`` otherwise: the batched matrix products run."""
-    if (
-        type(x) is not Tensor
-        or inner
-        or group is not None
-        or x.device.type != "cpu"
-        or x.dtype not in (torch.float32, torch.float64)
-        or not x.is_contiguous()
-        or x.numel() == 0
-        or torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
-    ):
+    """The native passes (:mod:`~contextnorm.functional.native`) when they apply: besides
+    :func:`~contextnorm.functional.native.kernels_for`'s conditions, one process and a
+    non-empty ``x`` with positions innermost. ``None`` otherwise: the batched matrix products
+    run."""
+    if inner or group is not None or x.numel() == 0:
         return None
-    if any(table is not None and table.dtype != x.dtype for table in tables):
-        return None
-    return native.kernels()
+    return native.kernels_for(x, *tables)
 
 
 class _BatchMixtureNorm(torch.autograd.Function):

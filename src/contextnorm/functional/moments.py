@@ -132,7 +132,7 @@ def _moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if length == 1:
         flat = wide.reshape(n, c)
         return flat.clone(), torch.zeros_like(flat), wide
-    if traced():
+    if _traced():
         # Compiled and exported graphs (ONNX among them) have no BatchNorm-statistics
         # operator: the same accurate moments, as a reduction they lower (a fused Welford
         # reduction in compiled code).
@@ -142,8 +142,7 @@ def _moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return mean.view(n, c), var.view(n, c), wide
 
 
-def traced() -> bool:
-    """Whether the call is being compiled, traced or exported (not run eagerly)."""
+def _traced() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 

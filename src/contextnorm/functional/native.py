@@ -40,7 +40,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["ENVIRONMENT_SWITCH", "enabled", "kernels"]
+__all__ = ["ENVIRONMENT_SWITCH", "enabled", "kernels", "kernels_for"]
 
 ENVIRONMENT_SWITCH = "CONTEXTNORM_NATIVE"
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("native.cpp", "native_mixture.cpp"))
@@ -85,6 +85,25 @@ def kernels() -> ModuleType | None:
     """The compiled kernels, building them on the first call; ``None`` when turned off (read on
     every call) or when the build failed (with a warning naming the cause)."""
     return _build() if enabled() else None
+
+
+def kernels_for(x: torch.Tensor, *tensors: torch.Tensor | None) -> ModuleType | None:
+    """:func:`kernels` when they apply to a call on ``x``: eager (not compiled or traced), ``x``
+    a plain (not fake or subclass) contiguous CPU tensor in float32 or float64, and every other
+    tensor of its dtype (the kernels check that they are on the CPU too); else ``None``."""
+    dtype = x.dtype
+    if (
+        type(x) is not torch.Tensor
+        or x.device.type != "cpu"
+        or dtype not in (torch.float32, torch.float64)
+        or not x.is_contiguous()
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+    ):
+        return None
+    if any(tensor is not None and tensor.dtype != dtype for tensor in tensors):
+        return None
+    return kernels()
 
 
 @functools.cache
